@@ -1,0 +1,243 @@
+"""Every config key, with its default and a one-line meaning.
+
+A key that is not defined here is an error (see ``detector.config.config``).
+Keep keys grouped by the part of the system that reads them.
+"""
+from .config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+
+# ---------------------------------------------------------------------------
+# Model: top level
+# ---------------------------------------------------------------------------
+_C.MODEL = CN()
+# "cpu", "cuda" or "cuda:N"
+_C.MODEL.DEVICE = "cpu"
+# Name in META_ARCH_REGISTRY (detector/modeling/meta_arch/build.py)
+_C.MODEL.META_ARCHITECTURE = "RetinaNet"
+# Checkpoint (ours, or a converted torchvision one) loaded before training/eval; "" = random init
+_C.MODEL.WEIGHTS = ""
+# Per-channel mean subtracted from input pixels (0-255 scale, in INPUT.FORMAT order)
+_C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
+# Per-channel std dividing input pixels (0-255 scale); ImageNet std by default
+_C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
+# Pad batched images to a multiple of this; 0 = the largest pyramid stride
+_C.MODEL.SIZE_DIVISIBILITY = 0
+
+# ---------------------------------------------------------------------------
+# Norm layers (shared by backbone, neck and head)
+# ---------------------------------------------------------------------------
+_C.MODEL.GN = CN()
+# Number of groups for "GN" norms
+_C.MODEL.GN.NUM_GROUPS = 32
+_C.MODEL.BN = CN()
+# BatchNorm momentum in PyTorch convention (1 - TF decay); EfficientDet uses 0.01
+_C.MODEL.BN.MOMENTUM = 0.1
+# BatchNorm epsilon; EfficientDet uses 1e-3
+_C.MODEL.BN.EPS = 1e-5
+
+# ---------------------------------------------------------------------------
+# Backbone (bottom-up network producing c2..c5)
+# ---------------------------------------------------------------------------
+_C.MODEL.BACKBONE = CN()
+# Name in BACKBONE_REGISTRY (detector/modeling/backbone/build.py): "ResNet" or "TinyNet"
+_C.MODEL.BACKBONE.NAME = "ResNet"
+# Freeze the stem (1) and the first N-1 stages; 0 trains everything
+_C.MODEL.BACKBONE.FREEZE_AT = 2
+# Norm of the backbone: "FrozenBN", "BN", "GN" or "" (none)
+_C.MODEL.BACKBONE.NORM = "FrozenBN"
+# Backbone features handed to the neck, named c<level> (stride 2**level)
+_C.MODEL.BACKBONE.OUT_FEATURES = ["c3", "c4", "c5"]
+
+_C.MODEL.RESNETS = CN()
+# ResNet depth: 18, 34, 50 or 101
+_C.MODEL.RESNETS.DEPTH = 50
+
+_C.MODEL.TINYNET = CN()
+# Output channels of the five stride-2 stages c1..c5 of the light demo backbone
+_C.MODEL.TINYNET.CHANNELS = [16, 32, 64, 96, 128]
+
+# ---------------------------------------------------------------------------
+# Neck (feature pyramid p<min>..p<max>)
+# ---------------------------------------------------------------------------
+_C.MODEL.NECK = CN()
+# Name in NECK_REGISTRY (detector/modeling/neck/build.py): "FPN"
+_C.MODEL.NECK.NAME = "FPN"
+# Channels of every pyramid level
+_C.MODEL.NECK.OUT_CHANNELS = 256
+# Norm of the neck convs: "", "BN", "GN", ...
+_C.MODEL.NECK.NORM = ""
+# Lowest pyramid level (2 = stride 4)
+_C.MODEL.NECK.MIN_LEVEL = 3
+# Highest pyramid level (7 = stride 128); levels above the backbone's come from a top block
+_C.MODEL.NECK.MAX_LEVEL = 7
+# Input of P6 in the top block: "p5" (torchvision v1) or "c5" (RetinaNet paper, detectron2)
+_C.MODEL.NECK.TOP_BLOCK_IN = "p5"
+
+# ---------------------------------------------------------------------------
+# Anchors (keras-retinanet style: one base size per level x scales x ratios)
+# ---------------------------------------------------------------------------
+_C.MODEL.ANCHOR_GENERATOR = CN()
+# Base anchor size per pyramid level; a list of lists gives several sizes per level
+_C.MODEL.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]
+# Multipliers applied to every base size (octave scales)
+_C.MODEL.ANCHOR_GENERATOR.SCALES = [1.0, 1.2599210498948732, 1.5874010519681994]
+# Aspect ratios height/width
+_C.MODEL.ANCHOR_GENERATOR.RATIOS = [0.5, 1.0, 2.0]
+# Stride per level; must equal 2**level for MIN_LEVEL..MAX_LEVEL ([] = derive)
+_C.MODEL.ANCHOR_GENERATOR.STRIDES = [8, 16, 32, 64, 128]
+# Anchor centre offset in units of stride (0.0 = torchvision/detectron2, 0.5 = keras-retinanet)
+_C.MODEL.ANCHOR_GENERATOR.OFFSET = 0.0
+# Round base anchor corners to integers, as torchvision does
+_C.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS = False
+
+# ---------------------------------------------------------------------------
+# RetinaNet head, matching, losses and inference
+# ---------------------------------------------------------------------------
+_C.MODEL.RETINANET = CN()
+# Number of foreground classes
+_C.MODEL.RETINANET.NUM_CLASSES = 80
+# Convs per branch (classification and box) before the predictor
+_C.MODEL.RETINANET.NUM_CONVS = 4
+# Norm of the head convs: "", "BN", "GN", ...
+_C.MODEL.RETINANET.NORM = ""
+# Prior probability used to initialise the classification bias
+_C.MODEL.RETINANET.PRIOR_PROB = 0.01
+# IoU below the first value = background, above the second = foreground, between = ignored
+_C.MODEL.RETINANET.IOU_THRESHOLDS = [0.4, 0.5]
+# Also match each ground truth to its best anchors even if their IoU is low
+_C.MODEL.RETINANET.ALLOW_LOW_QUALITY_MATCHES = True
+# Weights (wx, wy, ww, wh) of the box delta encoding
+_C.MODEL.RETINANET.BBOX_REG_WEIGHTS = [1.0, 1.0, 1.0, 1.0]
+# Focal loss alpha
+_C.MODEL.RETINANET.FOCAL_LOSS_ALPHA = 0.25
+# Focal loss gamma
+_C.MODEL.RETINANET.FOCAL_LOSS_GAMMA = 2.0
+# Box loss: "smooth_l1" (beta 0 = L1) or "giou"
+_C.MODEL.RETINANET.BBOX_REG_LOSS_TYPE = "smooth_l1"
+# Smooth-L1 beta; 0.0 gives plain L1 as in torchvision
+_C.MODEL.RETINANET.SMOOTH_L1_BETA = 0.1
+# Loss normaliser: "batch" (foreground anchors in the batch) or "per_image" (torchvision)
+_C.MODEL.RETINANET.LOSS_NORMALIZATION = "batch"
+# Drop per-level candidates scoring below this at test time
+_C.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
+# Keep at most this many candidates per level before NMS
+_C.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
+# IoU threshold of the class-aware NMS
+_C.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
+
+# ---------------------------------------------------------------------------
+# Input pipeline
+# ---------------------------------------------------------------------------
+_C.INPUT = CN()
+# Channel order of images fed to the model: "RGB" or "BGR"
+_C.INPUT.FORMAT = "RGB"
+# Shorter side at train time, sampled per image from this list
+_C.INPUT.MIN_SIZE_TRAIN = (512, 544, 576, 608, 640)
+# Longer side cap at train time
+_C.INPUT.MAX_SIZE_TRAIN = 1066
+# Shorter side at test time
+_C.INPUT.MIN_SIZE_TEST = 576
+# Longer side cap at test time
+_C.INPUT.MAX_SIZE_TEST = 1066
+# Random flip at train time: "horizontal" or "none"
+_C.INPUT.RANDOM_FLIP = "horizontal"
+
+# ---------------------------------------------------------------------------
+# Datasets (names registered in detector/data/datasets/builtin.py)
+# ---------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Datasets concatenated for training
+_C.DATASETS.TRAIN = ("coco_2017_train",)
+# Datasets evaluated at test time
+_C.DATASETS.TEST = ("coco_2017_val",)
+
+# ---------------------------------------------------------------------------
+# Data loader
+# ---------------------------------------------------------------------------
+_C.DATALOADER = CN()
+# Worker processes per data loader (0 = load in the main process)
+_C.DATALOADER.NUM_WORKERS = 2
+# Batch images of similar aspect ratio (landscape with landscape) to reduce padding
+_C.DATALOADER.ASPECT_RATIO_GROUPING = True
+# Drop training images that have no usable (non-crowd) annotation
+_C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+# ---------------------------------------------------------------------------
+# Solver
+# ---------------------------------------------------------------------------
+_C.SOLVER = CN()
+# Optimizer: "SGD" (momentum) or "AdamW"
+_C.SOLVER.OPTIMIZER = "SGD"
+# Total training iterations
+_C.SOLVER.MAX_ITER = 90000
+# Learning rate for IMS_PER_BATCH images
+_C.SOLVER.BASE_LR = 0.01
+# SGD momentum
+_C.SOLVER.MOMENTUM = 0.9
+# Use Nesterov momentum
+_C.SOLVER.NESTEROV = False
+# Weight decay of conv/linear weights
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+# Weight decay of norm parameters (BN/GN/... weights and biases)
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+# Weight decay of biases outside norm layers
+_C.SOLVER.WEIGHT_DECAY_BIAS = 0.0
+# Learning-rate multiplier for biases
+_C.SOLVER.BIAS_LR_FACTOR = 1.0
+# Images per iteration summed over all processes
+_C.SOLVER.IMS_PER_BATCH = 16
+# "WarmupMultiStepLR" or "WarmupCosineLR"
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+# Iterations at which the multistep schedule multiplies the LR by GAMMA
+_C.SOLVER.STEPS = (60000, 80000)
+# Multistep decay factor
+_C.SOLVER.GAMMA = 0.1
+# Final LR of the cosine schedule as a fraction of BASE_LR
+_C.SOLVER.COSINE_END_FACTOR = 0.0
+# LR multiplier at iteration 0 of the warmup
+_C.SOLVER.WARMUP_FACTOR = 0.001
+# Warmup length in iterations
+_C.SOLVER.WARMUP_ITERS = 1000
+# Warmup shape: "linear" or "constant"
+_C.SOLVER.WARMUP_METHOD = "linear"
+# Save a checkpoint every N iterations
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Periodic checkpoints kept on disk (older ones are deleted); 0 keeps all
+_C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
+_C.SOLVER.CLIP_GRADIENTS = CN()
+# Clip gradients before the optimizer step
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = False
+# "norm" (total norm of all parameters) or "value" (elementwise)
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "norm"
+# Maximum gradient norm or absolute value
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 10.0
+# p of the p-norm for "norm" clipping
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+_C.SOLVER.AMP = CN()
+# Mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU
+_C.SOLVER.AMP.ENABLED = False
+
+# ---------------------------------------------------------------------------
+# Test / evaluation
+# ---------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate every N iterations during training (0 = only at the end)
+_C.TEST.EVAL_PERIOD = 0
+# Maximum detections kept per image after NMS
+_C.TEST.DETECTIONS_PER_IMAGE = 100
+# COCO evaluation backend: "pycocotools" or "faster_coco_eval"
+_C.TEST.COCO_EVAL_BACKEND = "pycocotools"
+
+# ---------------------------------------------------------------------------
+# Misc
+# ---------------------------------------------------------------------------
+# Directory for checkpoints, logs, metrics.json, events and results
+_C.OUTPUT_DIR = "./output"
+# Global seed; < 0 picks one from time and pid (and logs it)
+_C.SEED = -1
+# Print training metrics every N iterations
+_C.LOG_PERIOD = 20
+# torch.backends.cudnn.benchmark
+_C.CUDNN_BENCHMARK = False

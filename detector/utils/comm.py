@@ -1,0 +1,72 @@
+"""Process-group helpers; every function also works when torch.distributed is not initialized."""
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
+    "all_gather", "gather", "reduce_dict",
+]
+
+_LOCAL_RANK = 0
+
+
+def is_dist_ready() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_ready() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_ready() else 0
+
+
+def set_local_rank(rank: int) -> None:
+    global _LOCAL_RANK
+    _LOCAL_RANK = int(rank)
+
+
+def get_local_rank() -> int:
+    return _LOCAL_RANK
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def synchronize() -> None:
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather(data):
+    """Gather any picklable object from every rank; returns a list indexed by rank."""
+    if get_world_size() == 1:
+        return [data]
+    output = [None] * get_world_size()
+    dist.all_gather_object(output, data)
+    return output
+
+
+def gather(data, dst: int = 0):
+    """Gather picklable objects to rank ``dst``; other ranks get an empty list."""
+    if get_world_size() == 1:
+        return [data]
+    output = [None] * get_world_size() if get_rank() == dst else None
+    dist.gather_object(data, output, dst=dst)
+    return output if get_rank() == dst else []
+
+
+def reduce_dict(values: dict, average: bool = True) -> dict:
+    """All-reduce a dict of scalar tensors (same keys on every rank)."""
+    world = get_world_size()
+    if world == 1:
+        return values
+    with torch.no_grad():
+        names = sorted(values.keys())
+        stacked = torch.stack([values[k].detach().float() for k in names])
+        dist.all_reduce(stacked)
+        if average:
+            stacked /= world
+        return {k: v for k, v in zip(names, stacked)}
