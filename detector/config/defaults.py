@@ -6,6 +6,7 @@ Keep keys grouped by the part of the system that reads them.
 from .config import CfgNode as CN
 
 _C = CN()
+# Config format version, bumped when keys are renamed
 _C.VERSION = 1
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,261 @@
+"""Standard command line, set-up and trainer shared by tools/train_net.py and tools/test_net.py."""
+import argparse
+import logging
+import os
+import sys
+from collections import OrderedDict
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from detector.checkpoint import DetectionCheckpointer
+from detector.config import get_cfg
+from detector.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+)
+from detector.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
+from detector.modeling import build_model
+from detector.solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
+from detector.utils import comm
+from detector.utils.env import collect_env_info, seed_all_rng
+from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+from detector.utils.logger import setup_logger
+
+from . import hooks
+from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+
+__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "DefaultTrainer"]
+
+
+def default_argument_parser(description: str = "detector training and evaluation"):
+    """detectron2's command line: --config-file, --resume, --eval-only, --num-gpus, KEY VALUE opts."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Multi-node: torchrun --nnodes=2 --nproc_per_node=G --rdzv-backend=c10d "
+        "--rdzv-endpoint=HOST:PORT tools/train_net.py --config-file cfg.yaml",
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last checkpoint in OUTPUT_DIR if there is one")
+    parser.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="processes to launch on this machine (one per GPU; CPU uses gloo)")
+    parser.add_argument("--num-machines", type=int, default=1, help="total machines")
+    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
+    parser.add_argument("--dist-url", default="auto",
+                        help="rendezvous URL for --num-gpus/--num-machines launches")
+    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
+    return parser
+
+
+def setup_cfg(args):
+    """Defaults, then the config file, then the command-line overrides; frozen."""
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts or [])
+    cfg.freeze()
+    return cfg
+
+
+def default_setup(cfg, args):
+    """Create OUTPUT_DIR, set up logging, log the environment and config, seed every RNG."""
+    rank = comm.get_rank()
+    output_dir = cfg.OUTPUT_DIR
+    if comm.is_main_process() and output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    setup_logger(output_dir, distributed_rank=rank, name="detector")
+    logger = logging.getLogger("detector")
+    logger.info("Rank %d of world size %d", rank, comm.get_world_size())
+    logger.info("Environment:\n%s", collect_env_info())
+    logger.info("Command line: %s", " ".join(sys.argv))
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        with open(path + ".tmp", "w") as f:
+            f.write(cfg.dump())
+        os.replace(path + ".tmp", path)
+        logger.info("Full config saved to %s", path)
+    # a distinct seed per rank keeps augmentation independent across processes
+    seed = cfg.SEED if cfg.SEED < 0 else cfg.SEED + rank
+    seed_all_rng(seed)
+    if cfg.CUDNN_BENCHMARK and torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def per_process_batch_size(total: int) -> int:
+    world = comm.get_world_size()
+    if total % world != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={total} is not divisible by the world size {world}"
+        )
+    return total // world
+
+
+class DefaultTrainer(TrainerBase):
+    """Model, optimizer, data, scheduler, checkpointer and the standard hooks, all from a config."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        logger = logging.getLogger("detector")
+        self.cfg = cfg
+        batch = per_process_batch_size(cfg.SOLVER.IMS_PER_BATCH)
+        logger.info("IMS_PER_BATCH=%d over %d process(es): %d image(s) per process",
+                    cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size(), batch)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = self._wrap_ddp(model)
+        trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        self._trainer = trainer_cls(
+            model, data_loader, optimizer, grad_clipper=build_gradient_clipper(cfg)
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=self._trainer, scheduler=self.scheduler
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def _wrap_ddp(model):
+        if comm.get_world_size() == 1:
+            return model
+        if model.device.type == "cuda":
+            return DistributedDataParallel(model, device_ids=[comm.get_local_rank()],
+                                           broadcast_buffers=False)
+        return DistributedDataParallel(model, broadcast_buffers=False)
+
+    @property
+    def model(self):
+        return self._trainer.model
+
+    @property
+    def optimizer(self):
+        return self._trainer.optimizer
+
+    def resume_or_load(self, resume: bool = True):
+        """With ``resume`` and a checkpoint in OUTPUT_DIR, continue from it (model, optimizer,
+        scheduler, iteration); otherwise load MODEL.WEIGHTS (if any) and start at iteration 0."""
+        checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            self.start_iter = checkpoint.get("iteration", -1) + 1
+            logging.getLogger("detector").info("Resuming at iteration %d", self.start_iter)
+
+    def build_hooks(self):
+        cfg = self.cfg
+        ret = [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler)]
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicCheckpointer(
+                self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                max_iter=cfg.SOLVER.MAX_ITER, max_to_keep=cfg.SOLVER.CHECKPOINT_MAX_TO_KEEP or None,
+            ))
+
+        def test_and_save_results():
+            self._last_eval_results = self.test(self.cfg, self.model)
+            return self._last_eval_results
+
+        if len(cfg.DATASETS.TEST) > 0:
+            ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
+        return ret
+
+    def build_writers(self):
+        return [
+            CommonMetricPrinter(self.max_iter),
+            JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json")),
+            TensorboardXWriter(self.cfg.OUTPUT_DIR),
+        ]
+
+    def train(self):
+        super().train(self.start_iter, self.max_iter)
+        return getattr(self, "_last_eval_results", None)
+
+    def run_step(self):
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
+    @classmethod
+    def build_model(cls, cfg):
+        model = build_model(cfg)
+        logger = logging.getLogger("detector")
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info("Model %s: %.2fM parameters", cfg.MODEL.META_ARCHITECTURE, num_params / 1e6)
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg, optimizer):
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_dir=None):
+        """A COCOEvaluator for a registered dataset (its metadata gives the GT json and ids)."""
+        DatasetCatalog.get(dataset_name)  # materializes generated datasets and their json
+        meta = MetadataCatalog.get(dataset_name)
+        if getattr(meta, "evaluator_type", "coco") != "coco":
+            raise NotImplementedError(f"No evaluator for dataset '{dataset_name}'")
+        id_map = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
+        return COCOEvaluator(
+            gt_json=meta.json_file,
+            contiguous_id_to_dataset_id=id_map,
+            class_names=list(meta.thing_classes),
+            output_dir=output_dir or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
+            backend=cfg.TEST.COCO_EVAL_BACKEND,
+        )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """Evaluate ``model`` on every dataset in DATASETS.TEST; returns {dataset: results}."""
+        logger = logging.getLogger("detector")
+        results = OrderedDict()
+        for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            evaluator = (evaluators[idx] if evaluators is not None
+                         else cls.build_evaluator(cfg, dataset_name))
+            if isinstance(evaluator, (list, tuple)):
+                evaluator = DatasetEvaluators(evaluator)
+            results[dataset_name] = inference_on_dataset(
+                model, data_loader, evaluator, amp=cfg.SOLVER.AMP.ENABLED
+            )
+            if comm.is_main_process():
+                logger.info("Evaluation results for %s: %s", dataset_name,
+                            _format_results(results[dataset_name]))
+        if len(results) == 1:
+            results = list(results.values())[0]
+        return results
+
+
+def _format_results(results):
+    parts = []
+    for task, metrics in results.items():
+        if isinstance(metrics, dict):
+            main = {k: v for k, v in metrics.items() if not k.startswith("AP-")}
+            parts.append(task + ": " + ", ".join(f"{k}={v:.3f}" for k, v in main.items()))
+    return "; ".join(parts)

@@ -1,0 +1,22 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Generated datasets go to a per-session temp folder, never to the user's cache."""
+    cache = tmp_path_factory.getbasetemp() / "detector_cache"
+    monkeypatch.setenv("DETECTOR_CACHE", str(cache))
+
+
+@pytest.fixture
+def datasets_root():
+    """$DETECTOR_DATASETS, or skip the calling test with the reason."""
+    root = os.environ.get("DETECTOR_DATASETS")
+    if not root or not os.path.isdir(root):
+        pytest.skip("DETECTOR_DATASETS is not set to an existing folder (see datasets/README.md)")
+    return root
