@@ -116,7 +116,8 @@ class DefaultTrainer(TrainerBase):
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = DetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=self._trainer, scheduler=self.scheduler
+            model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=self.scheduler,
+            trainer=self._trainer,
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER

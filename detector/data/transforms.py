@@ -1,0 +1,183 @@
+"""Geometric transforms for detection: an ``Augmentation`` samples a deterministic ``Transform``
+from an image and a random generator; the ``Transform`` is then applied to the image and boxes.
+
+Images are uint8 numpy arrays (H, W, C); boxes are float (N, 4) absolute XYXY arrays."""
+from abc import ABC, abstractmethod
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "Transform", "NoOpTransform", "ResizeTransform", "HFlipTransform", "VFlipTransform",
+    "TransformList",
+    "Augmentation", "ResizeShortestEdge", "RandomFlip", "apply_augmentations", "build_augmentation",
+]
+
+
+class Transform(ABC):
+    """A fixed geometric change of one image and the boxes that live on it."""
+
+    @abstractmethod
+    def apply_image(self, image: np.ndarray) -> np.ndarray:
+        ...
+
+    @abstractmethod
+    def apply_box(self, boxes: np.ndarray) -> np.ndarray:
+        ...
+
+
+class NoOpTransform(Transform):
+    def apply_image(self, image):
+        return image
+
+    def apply_box(self, boxes):
+        return boxes
+
+
+class ResizeTransform(Transform):
+    """Resize an image of (h, w) to (new_h, new_w) with bilinear interpolation."""
+
+    def __init__(self, h: int, w: int, new_h: int, new_w: int):
+        self.h, self.w, self.new_h, self.new_w = h, w, new_h, new_w
+
+    def apply_image(self, image):
+        if image.shape[:2] != (self.h, self.w):
+            raise ValueError(f"ResizeTransform made for {(self.h, self.w)}, got {image.shape[:2]}")
+        if (self.new_h, self.new_w) == (self.h, self.w):
+            return image
+        pil = Image.fromarray(image)
+        return np.asarray(pil.resize((self.new_w, self.new_h), Image.BILINEAR))
+
+    def apply_box(self, boxes):
+        scale = np.array([self.new_w / self.w, self.new_h / self.h] * 2, dtype=np.float64)
+        return np.asarray(boxes, dtype=np.float64) * scale
+
+
+class HFlipTransform(Transform):
+    """Mirror left-right an image of the given width."""
+
+    def __init__(self, width: int):
+        self.width = width
+
+    def apply_image(self, image):
+        return np.ascontiguousarray(image[:, ::-1])
+
+    def apply_box(self, boxes):
+        boxes = np.asarray(boxes, dtype=np.float64).copy()
+        boxes[:, [0, 2]] = self.width - boxes[:, [2, 0]]
+        return boxes
+
+
+class VFlipTransform(Transform):
+    """Mirror top-bottom an image of the given height."""
+
+    def __init__(self, height: int):
+        self.height = height
+
+    def apply_image(self, image):
+        return np.ascontiguousarray(image[::-1])
+
+    def apply_box(self, boxes):
+        boxes = np.asarray(boxes, dtype=np.float64).copy()
+        boxes[:, [1, 3]] = self.height - boxes[:, [3, 1]]
+        return boxes
+
+
+class TransformList(Transform):
+    """Transforms applied in order."""
+
+    def __init__(self, transforms: List[Transform]):
+        self.transforms = list(transforms)
+
+    def apply_image(self, image):
+        for t in self.transforms:
+            image = t.apply_image(image)
+        return image
+
+    def apply_box(self, boxes):
+        for t in self.transforms:
+            boxes = t.apply_box(boxes)
+        return boxes
+
+    def __iter__(self):
+        return iter(self.transforms)
+
+
+class Augmentation(ABC):
+    """Samples a ``Transform`` for an image; all randomness comes from the ``rng`` argument."""
+
+    @abstractmethod
+    def get_transform(self, image: np.ndarray, rng: np.random.Generator) -> Transform:
+        ...
+
+
+class ResizeShortestEdge(Augmentation):
+    """Scale so the shorter side is one of ``short_edge_length`` (picked at random) while the
+    longer side stays <= ``max_size`` (0 = no cap); the aspect ratio is kept."""
+
+    def __init__(self, short_edge_length: Sequence[int], max_size: int = 0):
+        if isinstance(short_edge_length, int):
+            short_edge_length = (short_edge_length,)
+        self.short_edge_length = tuple(int(s) for s in short_edge_length)
+        if not self.short_edge_length or min(self.short_edge_length) <= 0:
+            raise ValueError(f"ResizeShortestEdge needs positive sizes, got {short_edge_length}")
+        self.max_size = int(max_size)
+
+    @staticmethod
+    def get_output_shape(h: int, w: int, short_edge: int, max_size: int) -> Tuple[int, int]:
+        scale = short_edge / min(h, w)
+        if max_size > 0 and max(h, w) * scale > max_size:
+            scale = max_size / max(h, w)
+        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+    def get_transform(self, image, rng):
+        h, w = image.shape[:2]
+        if len(self.short_edge_length) == 1:
+            short = self.short_edge_length[0]
+        else:
+            short = self.short_edge_length[int(rng.integers(len(self.short_edge_length)))]
+        new_h, new_w = self.get_output_shape(h, w, short, self.max_size)
+        return ResizeTransform(h, w, new_h, new_w)
+
+
+class RandomFlip(Augmentation):
+    """Flip with probability ``prob``, horizontally (default) or vertically."""
+
+    def __init__(self, prob: float = 0.5, horizontal: bool = True):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError(f"RandomFlip probability must be in [0, 1], got {prob}")
+        self.prob, self.horizontal = prob, horizontal
+
+    def get_transform(self, image, rng):
+        h, w = image.shape[:2]
+        if rng.random() < self.prob:
+            return HFlipTransform(w) if self.horizontal else VFlipTransform(h)
+        return NoOpTransform()
+
+
+def apply_augmentations(
+    augmentations: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator
+) -> Tuple[np.ndarray, TransformList]:
+    """Sample and apply each augmentation in turn (each sees the previous one's output)."""
+    transforms = []
+    for aug in augmentations:
+        t = aug.get_transform(image, rng)
+        image = t.apply_image(image)
+        transforms.append(t)
+    return image, TransformList(transforms)
+
+
+def build_augmentation(cfg, is_train: bool) -> List[Augmentation]:
+    """INPUT.MIN_SIZE_*/MAX_SIZE_* resizing, plus INPUT.RANDOM_FLIP when training."""
+    if is_train:
+        augs: List[Augmentation] = [
+            ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN)
+        ]
+        flip = cfg.INPUT.RANDOM_FLIP
+        if flip == "horizontal":
+            augs.append(RandomFlip(prob=0.5, horizontal=True))
+        elif flip != "none":
+            raise ValueError(f"INPUT.RANDOM_FLIP must be 'horizontal' or 'none', got {flip!r}")
+        return augs
+    return [ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]

@@ -1,0 +1,214 @@
+"""Standard training hooks. Register them in this order so each sees the previous ones' output:
+IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it writes what
+the others put into the EventStorage during the same iteration)."""
+import datetime
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from detector.checkpoint.checkpointer import PeriodicCheckpointer as _PeriodicCheckpointer
+from detector.utils import comm
+from detector.utils.events import EventWriter
+
+from .train_loop import HookBase
+
+__all__ = [
+    "CallbackHook", "IterationTimer", "LRScheduler", "PeriodicCheckpointer", "EvalHook",
+    "PeriodicWriter", "flatten_results_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CallbackHook(HookBase):
+    """Calls the given functions, each taking the trainer, at the matching moments."""
+
+    def __init__(self, *, before_train: Optional[Callable] = None,
+                 after_train: Optional[Callable] = None, before_step: Optional[Callable] = None,
+                 after_step: Optional[Callable] = None):
+        self._before_train = before_train
+        self._after_train = after_train
+        self._before_step = before_step
+        self._after_step = after_step
+
+    def before_train(self):
+        if self._before_train:
+            self._before_train(self.trainer)
+
+    def after_train(self):
+        if self._after_train:
+            self._after_train(self.trainer)
+
+    def before_step(self):
+        if self._before_step:
+            self._before_step(self.trainer)
+
+    def after_step(self):
+        if self._after_step:
+            self._after_step(self.trainer)
+
+
+class IterationTimer(HookBase):
+    """Puts each iteration's duration ("time": run_step plus the hooks' before_step) into the
+    storage and logs the training speed and the time spent in hooks at the end. The first
+    ``warmup_iter`` iterations are left out of the speed (they include start-up costs)."""
+
+    def __init__(self, warmup_iter: int = 3):
+        self._warmup_iter = warmup_iter
+        self._step_start = 0.0
+        self._train_start = 0.0
+        self._in_steps = 0.0  # seconds between before_step and after_step, all iterations
+        self._measured_seconds = 0.0  # the same after the warmup iterations
+        self._measured_iters = 0
+
+    def before_train(self):
+        self._train_start = time.perf_counter()
+        self._in_steps = self._measured_seconds = 0.0
+        self._measured_iters = 0
+
+    def before_step(self):
+        self._step_start = time.perf_counter()
+
+    def after_step(self):
+        seconds = time.perf_counter() - self._step_start
+        self._in_steps += seconds
+        if self.trainer.iter - self.trainer.start_iter >= self._warmup_iter:
+            self._measured_seconds += seconds
+            self._measured_iters += 1
+        self.trainer.storage.put_scalars(time=seconds)
+
+    def after_train(self):
+        total = time.perf_counter() - self._train_start
+        if self._measured_iters > 0:
+            logger.info(
+                "Overall training speed: %d iterations in %s (%.4f s / it)", self._measured_iters,
+                datetime.timedelta(seconds=int(self._measured_seconds)),
+                self._measured_seconds / self._measured_iters,
+            )
+        logger.info(
+            "Total training time: %s (%s on hooks)", datetime.timedelta(seconds=int(total)),
+            datetime.timedelta(seconds=int(max(total - self._in_steps, 0.0))),
+        )
+
+
+class LRScheduler(HookBase):
+    """Records the learning rate used in the iteration ("lr", of the parameter group with the
+    most parameters) and steps the scheduler once per iteration. Without arguments it uses the
+    trainer's ``optimizer`` and ``scheduler`` attributes."""
+
+    def __init__(self, optimizer: Optional[torch.optim.Optimizer] = None, scheduler=None):
+        self._optimizer = optimizer
+        self._scheduler = scheduler
+        self._group_index = 0
+
+    @property
+    def scheduler(self):
+        return self._scheduler or self.trainer.scheduler
+
+    def before_train(self):
+        self._optimizer = self._optimizer or self.trainer.optimizer
+        groups = self._optimizer.param_groups
+        sizes = [sum(p.numel() for p in g["params"]) for g in groups]
+        self._group_index = max(range(len(groups)), key=lambda i: sizes[i])
+
+    def after_step(self):
+        lr = self._optimizer.param_groups[self._group_index]["lr"]
+        self.trainer.storage.put_scalar("lr", lr, smoothing_hint=False)
+        self.scheduler.step()
+
+
+class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
+    """Saves ``model_<iter>.pth`` every ``period`` iterations (keeping the newest ``max_to_keep``,
+    None/0 = all) and ``model_final.pth`` after the last iteration. ``max_iter`` defaults to the
+    trainer's. Same arguments as ``detector.checkpoint.PeriodicCheckpointer``."""
+
+    def before_train(self):
+        self.max_iter = self.trainer.max_iter
+
+    def after_step(self):
+        self.step(self.trainer.iter)
+
+
+def flatten_results_dict(results: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """{"bbox": {"AP": 1.0}} -> {"bbox/AP": 1.0} (any depth)."""
+    flat = {}
+    for key, value in results.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_results_dict(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+class EvalHook(HookBase):
+    """Runs ``eval_function()`` every ``eval_period`` iterations (0: never periodically) and,
+    with ``eval_after_train``, once after the last iteration of a complete run. Its result
+    (nested dict of numbers) goes into the storage flattened, e.g. "bbox/AP". All ranks call
+    the function and wait for each other afterwards."""
+
+    def __init__(self, eval_period: int, eval_function: Callable[[], Optional[Dict]],
+                 eval_after_train: bool = True):
+        self._period = int(eval_period)
+        self._func = eval_function
+        self._eval_after_train = eval_after_train
+
+    def _do_eval(self):
+        results = self._func()
+        if results:
+            if not isinstance(results, dict):
+                raise TypeError(
+                    f"EvalHook: eval_function must return a dict, got {type(results).__name__}"
+                )
+            flat = {}
+            for name, value in flatten_results_dict(results).items():
+                try:
+                    flat[name] = float(value)
+                except (TypeError, ValueError):
+                    raise TypeError(
+                        f"EvalHook: result '{name}' at iteration {self.trainer.iter} is not a "
+                        f"number: {value!r}"
+                    ) from None
+            self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
+        # evaluation can take different times on different ranks
+        comm.synchronize()
+        return results
+
+    def after_step(self):
+        next_iter = self.trainer.iter + 1
+        if self._period > 0 and next_iter % self._period == 0:
+            # the last iteration is evaluated by after_train instead, exactly once
+            if not (self._eval_after_train and next_iter == self.trainer.max_iter):
+                self._do_eval()
+
+    def after_train(self):
+        if self._eval_after_train and self.trainer.iter >= self.trainer.max_iter:
+            self._do_eval()
+
+
+class PeriodicWriter(HookBase):
+    """Calls every writer's ``write()`` every ``period`` iterations and after the last one;
+    at the end of training writes once more and closes them."""
+
+    def __init__(self, writers: Sequence[EventWriter], period: int = 20):
+        self._writers: List[EventWriter] = list(writers)
+        for w in self._writers:
+            if not isinstance(w, EventWriter):
+                raise TypeError(f"PeriodicWriter expects EventWriters, got {type(w).__name__}")
+        if period <= 0:
+            raise ValueError(f"PeriodicWriter period must be positive, got {period}")
+        self._period = int(period)
+
+    def after_step(self):
+        itr = self.trainer.iter
+        if (itr + 1) % self._period == 0 or itr == self.trainer.max_iter - 1:
+            for writer in self._writers:
+                writer.write()
+
+    def after_train(self):
+        for writer in self._writers:
+            writer.write()
+            writer.close()
+

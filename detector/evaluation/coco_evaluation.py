@@ -1,0 +1,277 @@
+"""COCO-style evaluation of model outputs: boxes (and masks) to COCO results, then COCOeval."""
+import itertools
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from detector.structures import Instances, xyxy_to_xywh
+from detector.utils import comm
+
+from .coco_backend import (
+    STAT_NAMES,
+    build_coco_api,
+    check_backend,
+    check_iou_type,
+    load_coco_results,
+    run_coco_eval,
+)
+from .coco_json import (
+    category_names,
+    check_coco_gt,
+    check_coco_results,
+    load_json_file,
+    stats_to_percent,
+    zero_stats,
+)
+from .evaluator import DatasetEvaluator
+
+__all__ = ["COCOEvaluator", "instances_to_coco_json", "RESULTS_FILE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE_NAME = "coco_instances_results.json"
+
+
+def _float32_values(array: np.ndarray) -> List[float]:
+    """Python floats of the shortest decimals that give back the same float32 values.
+
+    Model outputs are float32: this keeps all of their precision (so AP does not change) while
+    the json stays compact, and the in-memory records equal what the json file reloads to.
+    """
+    return [float(str(v)) for v in np.asarray(array, dtype=np.float32).ravel()]
+
+
+def instances_to_coco_json(instances: Instances, image_id: int,
+                           contiguous_id_to_dataset_id: Dict[int, int]) -> List[dict]:
+    """COCO results records (``bbox`` XYWH, ``score``, dataset ``category_id``) of one image's
+    predictions; a ``segmentation`` RLE is added when the instances have ``pred_masks``."""
+    num = len(instances)
+    if num == 0:
+        return []
+    for name in ("pred_boxes", "scores", "pred_classes"):
+        if not instances.has(name):
+            raise ValueError(f"image_id {image_id}: predicted Instances lack '{name}' "
+                             f"(fields: {sorted(instances.get_fields())})")
+    boxes_xywh = xyxy_to_xywh(instances.pred_boxes.tensor.detach().cpu().float()).numpy()
+    scores = instances.scores.detach().cpu().float().numpy()
+    classes = instances.pred_classes.detach().cpu().tolist()
+    box_values = _float32_values(boxes_xywh)
+    score_values = _float32_values(scores)
+    masks_rle = None
+    if instances.has("pred_masks"):
+        masks_rle = _encode_masks(instances.pred_masks, image_id)
+    records = []
+    for i, cls in enumerate(classes):
+        if cls not in contiguous_id_to_dataset_id:
+            raise ValueError(f"image_id {image_id}: predicted class {cls} has no entry in "
+                             f"contiguous_id_to_dataset_id (known: "
+                             f"{sorted(contiguous_id_to_dataset_id)})")
+        record = {"image_id": image_id, "category_id": contiguous_id_to_dataset_id[cls],
+                  "bbox": box_values[4 * i: 4 * i + 4], "score": score_values[i]}
+        if masks_rle is not None:
+            record["segmentation"] = masks_rle[i]
+        records.append(record)
+    return records
+
+
+def _encode_masks(masks: torch.Tensor, image_id: int) -> List[dict]:
+    from pycocotools import mask as mask_util
+
+    masks = masks.detach().cpu()
+    if masks.dim() == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.dim() != 3:
+        raise ValueError(f"image_id {image_id}: pred_masks must be (N, H, W), "
+                         f"got {tuple(masks.shape)}")
+    binary = (masks >= 0.5) if masks.is_floating_point() else masks.bool()
+    encoded = mask_util.encode(np.asfortranarray(binary.permute(1, 2, 0).numpy().astype(np.uint8)))
+    for rle in encoded:
+        rle["counts"] = rle["counts"].decode("ascii")  # json needs str
+    return list(encoded)
+
+
+def _format_category_table(aps: Dict[str, float], columns: int = 3) -> str:
+    """A plain-text table of per-category AP, ``columns`` (name, AP) pairs per row."""
+    cells = [(name, "nan" if np.isnan(ap) else f"{ap:.3f}") for name, ap in aps.items()]
+    if not cells:
+        return "(no categories)"
+    name_w = max(8, max(len(n) for n, _ in cells))
+    ap_w = max(5, max(len(a) for _, a in cells))
+    per_row = min(columns, len(cells))
+    header = " | ".join(f"{'category':<{name_w}} | {'AP':<{ap_w}}" for _ in range(per_row))
+    rule = "-|-".join(f"{'-' * name_w}-|-{'-' * ap_w}" for _ in range(per_row))
+    rows = [f"| {header} |", f"|-{rule}-|"]
+    for start in range(0, len(cells), per_row):
+        chunk = cells[start: start + per_row]
+        chunk += [("", "")] * (per_row - len(chunk))
+        rows.append("| " + " | ".join(f"{n:<{name_w}} | {a:<{ap_w}}" for n, a in chunk) + " |")
+    return "\n".join(rows)
+
+
+class COCOEvaluator(DatasetEvaluator):
+    """Collects predictions as COCO results records and evaluates them with COCOeval.
+
+    ``evaluate()`` returns ``{iou_type: {"AP", "AP50", ..., "ARl", "AP-<class>"}}`` in percent
+    (NaN where COCOeval reports a metric as undefined, e.g. no small objects in the ground
+    truth). Only the images that were processed are evaluated, so a partial pass over a dataset
+    gives the AP of that subset.
+    """
+
+    def __init__(self, *, gt_json: str, contiguous_id_to_dataset_id: Dict[int, int],
+                 class_names: Optional[List[str]] = None, output_dir: Optional[str] = None,
+                 backend: str = "pycocotools", iou_types: Sequence[str] = ("bbox",),
+                 distributed: bool = True):
+        """
+        Args:
+            gt_json: COCO instances json of the evaluated images.
+            contiguous_id_to_dataset_id: model class index -> COCO ``category_id``.
+            class_names: name per contiguous class for the per-category results; default: the
+                category names of ``gt_json``.
+            output_dir: where ``coco_instances_results.json`` is written (nothing when None).
+            backend: "pycocotools" or "faster_coco_eval".
+            iou_types: any of "bbox", "segm" (segm needs ``pred_masks`` in the outputs).
+            distributed: gather predictions from every process to rank 0 before evaluating.
+        """
+        self._backend = check_backend(backend)
+        self._iou_types = tuple(check_iou_type(t) for t in iou_types)
+        if not self._iou_types:
+            raise ValueError("COCOEvaluator needs at least one iou_type")
+        if not os.path.isfile(gt_json):
+            raise FileNotFoundError(f"COCOEvaluator: ground-truth json not found: {gt_json}")
+        self._gt_json = gt_json
+        self._id_map = {int(k): int(v) for k, v in contiguous_id_to_dataset_id.items()}
+        if sorted(self._id_map) != list(range(len(self._id_map))):
+            raise ValueError(f"COCOEvaluator: contiguous_id_to_dataset_id keys must be "
+                             f"0..{len(self._id_map) - 1}, got {sorted(self._id_map)}")
+        if class_names is not None and len(class_names) != len(self._id_map):
+            raise ValueError(f"COCOEvaluator: {len(class_names)} class_names for "
+                             f"{len(self._id_map)} entries of contiguous_id_to_dataset_id")
+        self._class_names = list(class_names) if class_names is not None else None
+        self._output_dir = output_dir
+        self._distributed = distributed
+        self._gt = None  # checked dict, loaded on first evaluate()
+        self._coco_gt = None
+        self.reset()
+
+    def reset(self):
+        self._predictions: List[dict] = []
+
+    def process(self, inputs, outputs):
+        if len(inputs) != len(outputs):
+            raise ValueError(f"COCOEvaluator.process: {len(inputs)} inputs but "
+                             f"{len(outputs)} outputs")
+        for inp, out in zip(inputs, outputs):
+            if "image_id" not in inp:
+                raise ValueError(f"COCOEvaluator.process: input without 'image_id' "
+                                 f"(keys: {sorted(inp)}, file_name {inp.get('file_name', '?')})")
+            image_id = int(inp["image_id"])
+            prediction = {"image_id": image_id, "instances": []}
+            if "instances" in out:
+                prediction["instances"] = instances_to_coco_json(
+                    out["instances"], image_id, self._id_map)
+            self._predictions.append(prediction)
+
+    def _gathered_predictions(self) -> Optional[List[dict]]:
+        if not self._distributed or comm.get_world_size() == 1:
+            return self._predictions
+        per_rank = comm.gather(self._predictions, dst=0)
+        if not comm.is_main_process():
+            return None
+        return list(itertools.chain(*per_rank))
+
+    def evaluate(self):
+        predictions = self._gathered_predictions()
+        if predictions is None:
+            return {}
+        predictions = self._drop_duplicate_images(predictions)
+        records = [r for p in predictions for r in p["instances"]]
+        if self._output_dir:
+            self._write_results(records)
+        image_ids = sorted({p["image_id"] for p in predictions})
+        gt = self._load_gt()
+        unknown = sorted(set(image_ids) - {img["id"] for img in gt["images"]})
+        if unknown:
+            raise ValueError(f"COCOEvaluator: {len(unknown)} evaluated image id(s) are not in "
+                             f"{self._gt_json}, e.g. {unknown[:5]}")
+        if not records:
+            logger.warning("COCOEvaluator: no detections on %d image(s); every metric is reported "
+                           "as 0", len(image_ids))
+            return {t: self._zero_results() for t in self._iou_types}
+        check_coco_results(records, gt, "bbox", "predictions")
+        if len(image_ids) < len(gt["images"]):
+            logger.info("Evaluating %d of the %d images in %s", len(image_ids), len(gt["images"]),
+                        self._gt_json)
+        return {t: self._evaluate_task(t, records, image_ids) for t in self._iou_types}
+
+    def _drop_duplicate_images(self, predictions):
+        # padded distributed samplers can run an image twice; duplicates would count as false
+        # positives
+        seen, kept = set(), []
+        for p in predictions:
+            if p["image_id"] not in seen:
+                seen.add(p["image_id"])
+                kept.append(p)
+        if len(kept) < len(predictions):
+            logger.warning("COCOEvaluator: dropped %d duplicate prediction(s) of already evaluated "
+                           "images", len(predictions) - len(kept))
+        return kept
+
+    def _write_results(self, records):
+        os.makedirs(self._output_dir, exist_ok=True)
+        path = os.path.join(self._output_dir, RESULTS_FILE_NAME)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(records, f)
+        os.replace(tmp, path)
+        logger.info("Saved %d COCO results to %s", len(records), path)
+
+    def _load_gt(self) -> dict:
+        if self._gt is None:
+            needs_segm = "segm" in self._iou_types
+            gt = check_coco_gt(load_json_file(self._gt_json, "ground-truth"), self._gt_json,
+                               "segm" if needs_segm else "bbox")
+            gt_cat_ids = {c["id"] for c in gt["categories"]}
+            for contiguous, dataset_id in sorted(self._id_map.items()):
+                if dataset_id not in gt_cat_ids:
+                    raise ValueError(f"COCOEvaluator: category id {dataset_id} (contiguous "
+                                     f"{contiguous}) is not a category of {self._gt_json}")
+            self._gt = gt
+            self._coco_gt = build_coco_api(gt, self._backend)
+        return self._gt
+
+    def _category_names(self) -> Dict[int, str]:
+        names = category_names(self._gt)
+        if self._class_names is not None:
+            for contiguous, dataset_id in self._id_map.items():
+                names[dataset_id] = self._class_names[contiguous]
+        return names
+
+    def _zero_results(self) -> Dict[str, float]:
+        results = dict(zip(STAT_NAMES, zero_stats()))
+        results.update({f"AP-{name}": 0.0 for name in self._category_names().values()})
+        return results
+
+    def _evaluate_task(self, iou_type: str, records: List[dict], image_ids: List[int]):
+        if iou_type == "segm":
+            if any("segmentation" not in r for r in records):
+                raise ValueError("COCOEvaluator: 'segm' evaluation needs pred_masks in the outputs")
+            # mask area, not box area, must decide the size range of a mask detection
+            records = [{k: v for k, v in r.items() if k != "bbox"} for r in records]
+        else:
+            records = [dict(r) for r in records]  # loadRes adds keys to the records it gets
+        coco_dt = load_coco_results(self._coco_gt, records, self._backend)
+        run = run_coco_eval(self._coco_gt, coco_dt, iou_type, self._backend, img_ids=image_ids)
+        logger.info("COCO %s evaluation (%s): evaluate %.2fs, accumulate %.2fs\n%s", iou_type,
+                    self._backend, run.timings["evaluate"], run.timings["accumulate"],
+                    "\n".join(run.summary_lines))
+        results = stats_to_percent(run.stats)
+        names = self._category_names()
+        per_category = {names[cat_id]: ap * 100.0 for cat_id, ap in run.per_category_ap.items()}
+        logger.info("Per-category %s AP:\n%s", iou_type, _format_category_table(per_category))
+        results.update({f"AP-{name}": ap for name, ap in per_category.items()})
+        return results
+
