@@ -1,0 +1,170 @@
+"""Convert torchvision's ``retinanet_resnet50_fpn`` (v1) weights to this project's parameter names.
+
+Mapping (torchvision -> ours); both torchvision's current layout and the legacy one of the released
+COCO checkpoint (``fpn.inner_blocks.0.weight``, ``head.*.conv.2k.weight``) are accepted:
+
+- ``backbone.body.<conv1|bn1|layerN...>``     -> ``backbone.<same>``
+  (``num_batches_tracked`` dropped: FrozenBN has no step counter)
+- ``backbone.fpn.inner_blocks.i[.0]``         -> ``neck.lateral_convs.p{3+i}.0``
+- ``backbone.fpn.layer_blocks.i[.0]``         -> ``neck.output_convs.p{3+i}.0``
+- ``backbone.fpn.extra_blocks.p6|p7``         -> ``neck.top_block.p6|p7``
+- ``head.classification_head.conv.i.0``       -> ``head.cls_subnet.i.0`` (legacy ``conv.{2i}``)
+- ``head.classification_head.cls_logits``     -> ``head.cls_score``
+- ``head.regression_head.conv.i.0``           -> ``head.bbox_subnet.i.0`` (legacy ``conv.{2i}``)
+- ``head.regression_head.bbox_reg``           -> ``head.bbox_pred``
+
+The model to load into is built from configs/retinanet/retinanet_R_50_FPN_torchvision.yaml.
+torchvision's COCO head has 91 outputs indexed by COCO category id (unused ids included);
+:func:`select_classes` keeps the 80 real categories in id order, the contiguous ids this project's
+COCO datasets use (then set MODEL.RETINANET.NUM_CLASSES 80).
+"""
+import re
+from typing import Dict, Mapping, Optional
+
+import torch
+
+__all__ = ["convert_torchvision_retinanet_state_dict", "select_classes", "check_against",
+           "COCO_CATEGORY_IDS", "TorchvisionConversionError"]
+
+# the 80 COCO category ids in torchvision's 91-way head, in increasing order
+COCO_CATEGORY_IDS = (
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
+    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
+    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
+    85, 86, 87, 88, 89, 90,
+)
+
+
+class TorchvisionConversionError(ValueError):
+    """A torchvision state dict that does not map one-to-one onto our RetinaNet."""
+
+
+_PARAM = r"(weight|bias|running_mean|running_var)"
+_BACKBONE_MODULE = r"(conv1|bn1|layer[1-4]\.\d+\.(?:conv[1-3]|bn[1-3]|downsample\.[01]))"
+
+
+def _map_key(key: str) -> Optional[str]:
+    """Our name for a torchvision key; "" for keys without counterpart by design; None if
+    unknown."""
+    m = re.fullmatch(r"backbone\.body\." + _BACKBONE_MODULE + r"\.num_batches_tracked", key)
+    if m:  # BatchNorm's step counter; our FrozenBN has none
+        return ""
+    m = re.fullmatch(r"backbone\.body\." + _BACKBONE_MODULE + r"\." + _PARAM, key)
+    if m:
+        return f"backbone.{m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(r"backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)(?:\.0)?\.(weight|bias)",
+                     key)
+    if m:
+        block = "lateral_convs" if m.group(1) == "inner_blocks" else "output_convs"
+        return f"neck.{block}.p{3 + int(m.group(2))}.0.{m.group(3)}"
+    m = re.fullmatch(r"backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)", key)
+    if m:
+        return f"neck.top_block.{m.group(1)}.{m.group(2)}"
+    m = re.fullmatch(r"head\.(classification|regression)_head\.conv\.(\d+)(\.0)?\.(weight|bias)",
+                     key)
+    if m:
+        subnet = "cls_subnet" if m.group(1) == "classification" else "bbox_subnet"
+        index = int(m.group(2))
+        if m.group(3) is None:  # legacy Sequential(conv, relu, conv, relu, ...)
+            if index % 2:
+                return None
+            index //= 2
+        return f"head.{subnet}.{index}.0.{m.group(4)}"
+    m = re.fullmatch(
+        r"head\.(classification_head\.cls_logits|regression_head\.bbox_reg)\.(weight|bias)", key)
+    if m:
+        name = "cls_score" if m.group(1).startswith("classification") else "bbox_pred"
+        return f"head.{name}.{m.group(2)}"
+    return None
+
+
+def _short_list(keys, limit=12):
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def convert_torchvision_retinanet_state_dict(
+    tv_state_dict: Mapping[str, torch.Tensor],
+    expected_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
+) -> Dict[str, torch.Tensor]:
+    """Rename a torchvision ``retinanet_resnet50_fpn`` state dict to our model's keys.
+
+    Args:
+        tv_state_dict: torchvision's ``model.state_dict()`` (a ``module.`` prefix from
+            DataParallel/DDP is stripped).
+        expected_state_dict: optionally our model's ``state_dict()``; then every key must be
+            present with the same shape (keys absent from torchvision by design are listed).
+    Raises:
+        TorchvisionConversionError: one line listing unmapped, duplicate, missing or mismatched
+            keys.
+    """
+    if tv_state_dict and all(k.startswith("module.") for k in tv_state_dict):
+        tv_state_dict = {k[len("module."):]: v for k, v in tv_state_dict.items()}
+    converted: Dict[str, torch.Tensor] = {}
+    unmapped, duplicates = [], []
+    for key, value in tv_state_dict.items():
+        new_key = _map_key(key)
+        if new_key is None:
+            unmapped.append(key)
+        elif new_key == "":
+            continue
+        elif new_key in converted:
+            duplicates.append(key)
+        else:
+            converted[new_key] = value
+    if unmapped:
+        raise TorchvisionConversionError(
+            f"{len(unmapped)} torchvision keys have no counterpart (expected a "
+            f"retinanet_resnet50_fpn v1 state dict): {_short_list(unmapped)}")
+    if duplicates:
+        raise TorchvisionConversionError(
+            f"torchvision keys map to an already converted key (legacy and new layout mixed?): "
+            f"{_short_list(duplicates)}")
+    if expected_state_dict is not None:
+        check_against(converted, expected_state_dict)
+    return converted
+
+
+def check_against(converted: Mapping[str, torch.Tensor],
+                  expected_state_dict: Mapping[str, torch.Tensor]) -> None:
+    """One-line error unless ``converted`` has exactly the keys and shapes of
+    ``expected_state_dict``."""
+    missing = set(expected_state_dict) - set(converted)
+    unexpected = set(converted) - set(expected_state_dict)
+    mismatched = [
+        f"{k} {tuple(converted[k].shape)} vs ours {tuple(expected_state_dict[k].shape)}"
+        for k in sorted(set(converted) & set(expected_state_dict))
+        if tuple(converted[k].shape) != tuple(expected_state_dict[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing in torchvision: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"not in our model: {_short_list(unexpected)}")
+    if mismatched:
+        problems.append(f"shape mismatch: {_short_list(mismatched, limit=6)}")
+    if problems:
+        raise TorchvisionConversionError("converted torchvision weights do not fit the model; "
+                                         + "; ".join(problems))
+
+
+def select_classes(state_dict: Mapping[str, torch.Tensor],
+                   class_indices) -> Dict[str, torch.Tensor]:
+    """Keep only the classifier outputs of ``class_indices`` (in that order) in a converted state
+    dict. The classifier's output channel for anchor a and class k is ``a * K + k``."""
+    state_dict = dict(state_dict)
+    weight, bias = state_dict["head.cls_score.weight"], state_dict["head.cls_score.bias"]
+    num_anchors = state_dict["head.bbox_pred.bias"].numel() // 4
+    num_classes = bias.numel() // num_anchors
+    class_indices = torch.as_tensor(list(class_indices), dtype=torch.int64)
+    if (class_indices.numel() == 0 or int(class_indices.min()) < 0
+            or int(class_indices.max()) >= num_classes):
+        raise TorchvisionConversionError(
+            f"class indices must lie in [0, {num_classes}) for a head with {num_classes} classes")
+    state_dict["head.cls_score.weight"] = (
+        weight.reshape(num_anchors, num_classes, *weight.shape[1:])[:, class_indices]
+        .reshape(-1, *weight.shape[1:]).clone())
+    state_dict["head.cls_score.bias"] = (
+        bias.reshape(num_anchors, num_classes)[:, class_indices].reshape(-1).clone())
+    return state_dict

@@ -1,0 +1,142 @@
+"""keras-retinanet style anchors: per pyramid level, base sizes x scales x ratios at every location.
+
+Per location the anchors are ordered ratio-major (all sizes x scales of the first ratio, then the
+next ratio), which is torchvision's ``AnchorGenerator`` order, so head outputs reshaped to
+(H, W, A) line up with these anchors. Locations are row-major over the feature map.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from detector.layers import ShapeSpec
+
+__all__ = ["AnchorGenerator", "normalize_sizes_per_level"]
+
+
+def normalize_sizes_per_level(sizes, num_levels: int, key="MODEL.ANCHOR_GENERATOR.SIZES"):
+    """``[32, 64, ...]`` (one size per level) or ``[[32, 40], [64, 80], ...]`` -> list of lists,
+    checked to have ``num_levels`` entries."""
+    sizes = [list(s) if isinstance(s, (list, tuple)) else [s] for s in sizes]
+    if len(sizes) != num_levels:
+        raise ValueError(f"{key} has {len(sizes)} levels but the pyramid has {num_levels}")
+    if any(len(s) == 0 or min(s) <= 0 for s in sizes):
+        raise ValueError(f"{key}={sizes}: every level needs at least one positive size")
+    if len({len(s) for s in sizes}) != 1:
+        raise ValueError(f"{key}={sizes}: every level needs the same number of sizes "
+                         "(the head is shared across levels)")
+    return [[float(x) for x in s] for s in sizes]
+
+
+class AnchorGenerator(nn.Module):
+    """Anchors for a feature pyramid.
+
+    Args:
+        sizes: base sizes per level (list of lists; each level the same count).
+        scales: multipliers applied to every base size (octave scales).
+        ratios: aspect ratios height / width.
+        strides: stride of each level in pixels.
+        offset: anchor centres at ``(i + offset) * stride`` (0.0 torchvision/detectron2, 0.5 keras).
+        round_base_anchors: round the zero-centred base anchors to integers (torchvision).
+
+    ``forward(features)`` takes the per-level feature maps (only their H, W are used) and returns
+    per-level (H * W * A, 4) float32 XYXY tensors.
+    """
+
+    _MAX_CACHED_GRIDS = 64
+
+    def __init__(self, *, sizes: Sequence[Sequence[float]], scales: Sequence[float],
+                 ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0,
+                 round_base_anchors: bool = False):
+        super().__init__()
+        sizes = normalize_sizes_per_level(sizes, len(strides))
+        if not scales or min(scales) <= 0 or not ratios or min(ratios) <= 0:
+            raise ValueError(f"Anchor scales {list(scales)} and ratios {list(ratios)} must be "
+                             "non-empty and positive")
+        if not 0.0 <= offset < 1.0:
+            raise ValueError(f"MODEL.ANCHOR_GENERATOR.OFFSET={offset} must be in [0, 1)")
+        self.sizes = sizes
+        self.scales = [float(s) for s in scales]
+        self.ratios = [float(r) for r in ratios]
+        self.strides = [int(s) for s in strides]
+        self.offset = float(offset)
+        self.round_base_anchors = bool(round_base_anchors)
+        for i, level_sizes in enumerate(sizes):
+            self.register_buffer(f"base_anchors_{i}", self.make_base_anchors(level_sizes),
+                                 persistent=False)
+        self._grid_cache: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+
+    @property
+    def num_anchors_per_location(self) -> int:
+        return len(self.sizes[0]) * len(self.scales) * len(self.ratios)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.strides)
+
+    def make_base_anchors(self, level_sizes: Sequence[float]) -> torch.Tensor:
+        """(A, 4) anchors centred on (0, 0), ratio-major. Computed in float32 with torchvision's
+        operation order so rounded anchors match it exactly."""
+        side = torch.tensor([s * c for s in level_sizes for c in self.scales], dtype=torch.float32)
+        h_ratios = torch.sqrt(torch.tensor(self.ratios, dtype=torch.float32))
+        w_ratios = 1 / h_ratios
+        ws = (w_ratios[:, None] * side[None, :]).reshape(-1)
+        hs = (h_ratios[:, None] * side[None, :]).reshape(-1)
+        base = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+        return base.round() if self.round_base_anchors else base
+
+    def base_anchors(self, level_index: int) -> torch.Tensor:
+        return getattr(self, f"base_anchors_{level_index}")
+
+    def _grid_anchors(self, level_index: int, height: int, width: int) -> torch.Tensor:
+        base = self.base_anchors(level_index)
+        key = (level_index, height, width, base.device)
+        cached = self._grid_cache.get(key)
+        if cached is not None:
+            self._grid_cache.move_to_end(key)
+            return cached
+        stride = self.strides[level_index]
+        if self.offset == 0.0:  # integer shifts, exactly as torchvision
+            shifts_x = torch.arange(width, dtype=torch.int32, device=base.device) * stride
+            shifts_y = torch.arange(height, dtype=torch.int32, device=base.device) * stride
+        else:
+            shifts_x = (torch.arange(width, dtype=torch.float32, device=base.device)
+                        + self.offset) * stride
+            shifts_y = (torch.arange(height, dtype=torch.float32, device=base.device)
+                        + self.offset) * stride
+        shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+        shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+        shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+        anchors = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+        self._grid_cache[key] = anchors
+        if len(self._grid_cache) > self._MAX_CACHED_GRIDS:
+            self._grid_cache.popitem(last=False)
+        return anchors
+
+    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+        if len(features) != self.num_levels:
+            raise ValueError(f"AnchorGenerator has {self.num_levels} levels but got "
+                             f"{len(features)} feature maps")
+        return [self._grid_anchors(i, int(f.shape[-2]), int(f.shape[-1]))
+                for i, f in enumerate(features)]
+
+    @classmethod
+    def from_config(cls, cfg, feature_shapes: Dict[str, ShapeSpec]) -> dict:
+        """``feature_shapes``: the neck's ``output_shape()``, levels ``p<k>`` with stride 2**k."""
+        names = sorted(feature_shapes, key=lambda n: int(n[1:]))
+        feature_strides = [feature_shapes[n].stride for n in names]
+        strides = list(cfg.MODEL.ANCHOR_GENERATOR.STRIDES) or feature_strides
+        if strides != feature_strides:
+            raise ValueError(
+                f"MODEL.ANCHOR_GENERATOR.STRIDES={list(strides)} must equal 2**level for the "
+                f"pyramid levels {names} (MODEL.NECK.MIN_LEVEL..MAX_LEVEL), i.e. {feature_strides}"
+            )
+        return {
+            "sizes": normalize_sizes_per_level(cfg.MODEL.ANCHOR_GENERATOR.SIZES, len(names)),
+            "scales": list(cfg.MODEL.ANCHOR_GENERATOR.SCALES),
+            "ratios": list(cfg.MODEL.ANCHOR_GENERATOR.RATIOS),
+            "strides": strides,
+            "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
+            "round_base_anchors": cfg.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS,
+        }

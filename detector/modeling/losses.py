@@ -1,0 +1,84 @@
+"""RetinaNet losses as pure functions of tensors.
+
+Label convention per anchor: ``gt_labels`` in [0, num_classes) foreground class, ``num_classes``
+background, -1 ignored (IoU between the matcher's thresholds, or matched to a crowd box).
+"""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from fvcore.nn import giou_loss, sigmoid_focal_loss, smooth_l1_loss
+
+from .box_coder import BoxCoder
+
+__all__ = ["BBOX_REG_LOSS_TYPES", "LOSS_NORMALIZATIONS", "focal_loss_sum",
+           "box_regression_loss_sum", "retinanet_losses"]
+
+BBOX_REG_LOSS_TYPES = ("smooth_l1", "giou")
+LOSS_NORMALIZATIONS = ("batch", "per_image")
+
+
+def focal_loss_sum(pred_logits: torch.Tensor, gt_labels: torch.Tensor, *, num_classes: int,
+                   alpha: float, gamma: float) -> torch.Tensor:
+    """Summed sigmoid focal loss of (R, K) logits against (R,) labels; ignored anchors (-1)
+    excluded, background (``num_classes``) is an all-zero target."""
+    valid = gt_labels >= 0
+    targets = F.one_hot(gt_labels[valid], num_classes=num_classes + 1)[:, :num_classes]
+    return sigmoid_focal_loss(pred_logits[valid], targets.to(pred_logits.dtype), alpha=alpha,
+                              gamma=gamma, reduction="sum")
+
+
+def box_regression_loss_sum(loss_type: str, pred_deltas: torch.Tensor, anchors: torch.Tensor,
+                            gt_boxes: torch.Tensor, *, box_coder: BoxCoder,
+                            smooth_l1_beta: float = 0.0) -> torch.Tensor:
+    """Summed box loss over foreground anchors: smooth-L1 on encoded deltas (beta 0 = L1) or GIoU on
+    decoded boxes. All inputs are (F, 4)."""
+    if loss_type == "smooth_l1":
+        gt_deltas = box_coder.encode(gt_boxes, anchors)
+        return smooth_l1_loss(pred_deltas, gt_deltas, beta=smooth_l1_beta, reduction="sum")
+    if loss_type == "giou":
+        pred_boxes = box_coder.decode(pred_deltas, anchors)
+        return giou_loss(pred_boxes, gt_boxes, reduction="sum")
+    raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{loss_type}' is not one of "
+                     f"{BBOX_REG_LOSS_TYPES}")
+
+
+def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, anchors: torch.Tensor,
+                     gt_labels: torch.Tensor, matched_gt_boxes: torch.Tensor, *, num_classes: int,
+                     box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
+                     bbox_reg_loss_type: str = "smooth_l1", smooth_l1_beta: float = 0.0,
+                     normalization: str = "batch") -> Dict[str, torch.Tensor]:
+    """Focal classification loss and box regression loss of a batch.
+
+    Args:
+        pred_logits: (N, R, K) class logits. pred_deltas: (N, R, 4) box deltas.
+        anchors: (R, 4) anchors shared by all images.
+        gt_labels: (N, R) int64 labels (see module docstring).
+        matched_gt_boxes: (N, R, 4) ground truth box of each anchor (used where foreground).
+        normalization: "batch" divides batch sums by the batch's foreground count (at least 1);
+            "per_image" (torchvision) divides each image's sums by its own foreground count (at
+            least 1) and averages over images.
+    Returns: ``{"loss_cls", "loss_box_reg"}`` scalar tensors.
+    """
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{normalization}' is not one of "
+                         f"{LOSS_NORMALIZATIONS}")
+    cls_sums, box_sums, num_fg = [], [], []
+    for logits_i, deltas_i, labels_i, boxes_i in zip(pred_logits, pred_deltas, gt_labels,
+                                                     matched_gt_boxes):
+        fg = (labels_i >= 0) & (labels_i < num_classes)
+        cls_sums.append(focal_loss_sum(logits_i, labels_i, num_classes=num_classes,
+                                       alpha=focal_alpha, gamma=focal_gamma))
+        box_sums.append(box_regression_loss_sum(bbox_reg_loss_type, deltas_i[fg], anchors[fg],
+                                                boxes_i[fg], box_coder=box_coder,
+                                                smooth_l1_beta=smooth_l1_beta))
+        num_fg.append(int(fg.sum()))
+    cls_sums, box_sums = torch.stack(cls_sums), torch.stack(box_sums)
+    if normalization == "batch":
+        normalizer = max(1, sum(num_fg))
+        return {"loss_cls": cls_sums.sum() / normalizer,
+                "loss_box_reg": box_sums.sum() / normalizer}
+    per_image = torch.tensor([max(1, n) for n in num_fg], dtype=cls_sums.dtype,
+                             device=cls_sums.device)
+    return {"loss_cls": (cls_sums / per_image).mean(),
+            "loss_box_reg": (box_sums / per_image).mean()}

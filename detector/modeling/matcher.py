@@ -1,0 +1,60 @@
+"""IoU-threshold matching of anchors to ground-truth boxes."""
+from typing import Sequence, Tuple
+
+import torch
+
+__all__ = ["Matcher"]
+
+
+class Matcher:
+    """Gives every anchor (a column of an (M gt, R anchors) IoU matrix) its best gt and a label.
+
+    Args:
+        thresholds: increasing IoU cut points, e.g. [0.4, 0.5].
+        labels: one label per interval, e.g. [0, -1, 1]: IoU < 0.4 background (0),
+            0.4 <= IoU < 0.5 ignored (-1), IoU >= 0.5 foreground (1).
+        allow_low_quality_matches: for every ground truth, also mark the anchors with its highest
+            IoU (ties included) as foreground, so no object is left without an anchor. Like
+            torchvision and detectron2, such an anchor keeps its own best ground truth as match.
+            Unlike them, a ground truth whose best IoU is 0 (degenerate or outside every anchor)
+            adds nothing here instead of marking every anchor foreground.
+    """
+
+    def __init__(self, thresholds: Sequence[float] = (0.4, 0.5), labels: Sequence[int] = (0, -1, 1),
+                 allow_low_quality_matches: bool = True):
+        thresholds = [float(t) for t in thresholds]
+        if len(labels) != len(thresholds) + 1:
+            raise ValueError(f"Matcher needs one label per interval: {len(thresholds)} thresholds "
+                             f"need {len(thresholds) + 1} labels, got {list(labels)}")
+        if any(a > b for a, b in zip(thresholds[:-1], thresholds[1:])):
+            raise ValueError(f"MODEL.RETINANET.IOU_THRESHOLDS={thresholds} must be increasing")
+        if any(label not in (-1, 0, 1) for label in labels):
+            raise ValueError(f"Matcher labels {list(labels)} must be -1, 0 or 1")
+        self.thresholds = [-float("inf")] + thresholds + [float("inf")]
+        self.labels = [int(x) for x in labels]
+        self.allow_low_quality_matches = allow_low_quality_matches
+
+    def __call__(self, match_quality_matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``matches`` (R,) int64 index of the best ground truth per anchor (0 when there is
+        none) and ``match_labels`` (R,) int8 in {-1, 0, 1}."""
+        num_gt, num_anchors = match_quality_matrix.shape
+        device = match_quality_matrix.device
+        if num_gt == 0:
+            matches = torch.zeros(num_anchors, dtype=torch.int64, device=device)
+            # no objects: every anchor is background
+            match_labels = torch.full((num_anchors,), self.labels[0], dtype=torch.int8,
+                                      device=device)
+            return matches, match_labels
+
+        matched_vals, matches = match_quality_matrix.max(dim=0)
+        match_labels = torch.full((num_anchors,), -1, dtype=torch.int8, device=device)
+        for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
+            in_interval = (matched_vals >= low) & (matched_vals < high)
+            match_labels[in_interval] = label
+
+        if self.allow_low_quality_matches:
+            highest_per_gt, _ = match_quality_matrix.max(dim=1)
+            best = (match_quality_matrix == highest_per_gt[:, None]) & (highest_per_gt[:, None] > 0)
+            _, anchor_idxs = best.nonzero(as_tuple=True)
+            match_labels[anchor_idxs] = 1
+        return matches, match_labels

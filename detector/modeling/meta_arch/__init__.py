@@ -1,0 +1,6 @@
+from .build import META_ARCH_REGISTRY, build_model
+
+# imported for its registration
+from .retinanet import RetinaNet  # noqa: E402
+
+__all__ = ["META_ARCH_REGISTRY", "build_model", "RetinaNet"]

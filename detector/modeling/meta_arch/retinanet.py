@@ -1,0 +1,223 @@
+"""RetinaNet (Lin et al. 2017): backbone + neck + shared head over a feature pyramid, focal loss."""
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from detector.structures import Boxes, ImageList, Instances, pairwise_iou
+
+from ..anchor_generator import AnchorGenerator
+from ..backbone import Backbone, build_backbone
+from ..box_coder import BoxCoder
+from ..common import permute_to_N_HWA_K
+from ..losses import BBOX_REG_LOSS_TYPES, LOSS_NORMALIZATIONS, retinanet_losses
+from ..matcher import Matcher
+from ..neck import build_neck
+from ..postprocessing import rescale_detections, retinanet_inference_single_image
+from ..retinanet_head import RetinaNetHead
+from .build import META_ARCH_REGISTRY
+
+__all__ = ["RetinaNet"]
+
+
+@META_ARCH_REGISTRY.register()
+class RetinaNet(nn.Module):
+    """Args:
+        backbone, neck, head, anchor_generator: the networks and the anchor source; the neck's
+            ``output_shape()`` levels are fed to the head in increasing order.
+        box_coder, anchor_matcher: delta encoding and anchor-to-gt assignment.
+        num_classes: foreground classes; ``gt_classes`` must lie in [0, num_classes).
+        pixel_mean, pixel_std: per-channel normalisation of the 0-255 input.
+        size_divisibility: pad batches to a multiple of this (0 = the largest pyramid stride).
+        focal_loss_alpha, focal_loss_gamma, bbox_reg_loss_type, smooth_l1_beta, loss_normalization:
+            see :func:`detector.modeling.losses.retinanet_losses`.
+        score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
+            :func:`detector.modeling.postprocessing.retinanet_inference_single_image`.
+    """
+
+    def __init__(self, *, backbone: Backbone, neck: nn.Module, head: nn.Module,
+                 anchor_generator: AnchorGenerator, box_coder: BoxCoder, anchor_matcher: Matcher,
+                 num_classes: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
+                 size_divisibility: int = 0, focal_loss_alpha: float = 0.25,
+                 focal_loss_gamma: float = 2.0, bbox_reg_loss_type: str = "smooth_l1",
+                 smooth_l1_beta: float = 0.1, loss_normalization: str = "batch",
+                 score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
+                 nms_thresh_test: float = 0.5, max_detections_per_image: int = 100):
+        super().__init__()
+        if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
+            raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not "
+                             f"one of {BBOX_REG_LOSS_TYPES}")
+        if loss_normalization not in LOSS_NORMALIZATIONS:
+            raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{loss_normalization}' is not "
+                             f"one of {LOSS_NORMALIZATIONS}")
+        if len(pixel_mean) != len(pixel_std):
+            raise ValueError(f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD "
+                             f"{list(pixel_std)} need the same length")
+        self.backbone = backbone
+        self.neck = neck
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.anchor_matcher = anchor_matcher
+        feature_shapes = neck.output_shape()
+        self.in_features = sorted(feature_shapes, key=lambda n: int(n[1:]))
+        if len(self.in_features) != anchor_generator.num_levels:
+            raise ValueError(f"The neck gives {len(self.in_features)} levels {self.in_features} "
+                             f"but the anchor generator has {anchor_generator.num_levels}")
+        self.num_classes = num_classes
+        self.size_divisibility = size_divisibility or max(s.stride for s in feature_shapes.values())
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.bbox_reg_loss_type = bbox_reg_loss_type
+        self.smooth_l1_beta = smooth_l1_beta
+        self.loss_normalization = loss_normalization
+        self.score_thresh_test = score_thresh_test
+        self.topk_candidates_test = topk_candidates_test
+        self.nms_thresh_test = nms_thresh_test
+        self.max_detections_per_image = max_detections_per_image
+        # buffers so they follow .to(device); not persistent, like torchvision's transform
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1).float(),
+                             persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1).float(),
+                             persistent=False)
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        backbone = build_backbone(cfg)
+        neck = build_neck(cfg, backbone.output_shape())
+        feature_shapes = neck.output_shape()
+        anchor_generator = AnchorGenerator(**AnchorGenerator.from_config(cfg, feature_shapes))
+        channels = {s.channels for s in feature_shapes.values()}
+        if len(channels) != 1:
+            raise ValueError(f"RetinaNet's shared head needs equal channels on every level, the "
+                             f"neck gives {feature_shapes}")
+        r = cfg.MODEL.RETINANET
+        if len(r.IOU_THRESHOLDS) != 2:
+            raise ValueError(f"MODEL.RETINANET.IOU_THRESHOLDS={list(r.IOU_THRESHOLDS)} must be "
+                             "[background_below, foreground_from]")
+        head = RetinaNetHead(
+            in_channels=channels.pop(), num_anchors=anchor_generator.num_anchors_per_location,
+            num_classes=r.NUM_CLASSES, num_convs=r.NUM_CONVS, norm=r.NORM, prior_prob=r.PRIOR_PROB,
+            gn_groups=cfg.MODEL.GN.NUM_GROUPS, bn_momentum=cfg.MODEL.BN.MOMENTUM,
+            bn_eps=cfg.MODEL.BN.EPS)
+        return {
+            "backbone": backbone,
+            "neck": neck,
+            "head": head,
+            "anchor_generator": anchor_generator,
+            "box_coder": BoxCoder(weights=r.BBOX_REG_WEIGHTS),
+            "anchor_matcher": Matcher(r.IOU_THRESHOLDS, [0, -1, 1],
+                                      allow_low_quality_matches=r.ALLOW_LOW_QUALITY_MATCHES),
+            "num_classes": r.NUM_CLASSES,
+            "pixel_mean": list(cfg.MODEL.PIXEL_MEAN),
+            "pixel_std": list(cfg.MODEL.PIXEL_STD),
+            "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
+            "focal_loss_alpha": r.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": r.FOCAL_LOSS_GAMMA,
+            "bbox_reg_loss_type": r.BBOX_REG_LOSS_TYPE,
+            "smooth_l1_beta": r.SMOOTH_L1_BETA,
+            "loss_normalization": r.LOSS_NORMALIZATION,
+            "score_thresh_test": r.SCORE_THRESH_TEST,
+            "topk_candidates_test": r.TOPK_CANDIDATES_TEST,
+            "nms_thresh_test": r.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
+        """Move to the device, normalise, pad into one batch."""
+        images = []
+        for i, x in enumerate(batched_inputs):
+            image = x["image"]
+            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
+                channels = self.pixel_mean.shape[0]
+                raise ValueError(f"Image {x.get('image_id', i)}: expected a ({channels}, H, W) "
+                                 f"tensor, got shape {tuple(image.shape)}")
+            image = image.to(self.device, non_blocking=True).float()
+            images.append((image - self.pixel_mean) / self.pixel_std)
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[dict]):
+        """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
+        image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
+        images = self.preprocess_image(batched_inputs)
+        features = self.neck(self.backbone(images.tensor))
+        features = [features[name] for name in self.in_features]
+        pred_logits, pred_anchor_deltas = self.head(features)
+        anchors = self.anchor_generator(features)
+        # (N, H*W*A, K) and (N, H*W*A, 4) per level, the order of the anchors
+        pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
+        pred_anchor_deltas = [permute_to_N_HWA_K(x, 4).float() for x in pred_anchor_deltas]
+
+        if self.training:
+            gt_instances = self._gt_instances(batched_inputs)
+            all_anchors = torch.cat(anchors)
+            gt_labels, matched_gt_boxes = self.label_anchors(all_anchors, gt_instances)
+            return retinanet_losses(
+                torch.cat(pred_logits, dim=1), torch.cat(pred_anchor_deltas, dim=1), all_anchors,
+                gt_labels, matched_gt_boxes, num_classes=self.num_classes, box_coder=self.box_coder,
+                focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
+                bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
+                normalization=self.loss_normalization)
+
+        results = []
+        for i, image_size in enumerate(images.image_sizes):
+            detections = retinanet_inference_single_image(
+                [x[i] for x in pred_logits], [x[i] for x in pred_anchor_deltas], anchors,
+                image_size, box_coder=self.box_coder, score_thresh=self.score_thresh_test,
+                topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
+                max_detections=self.max_detections_per_image)
+            height = batched_inputs[i].get("height", image_size[0])
+            width = batched_inputs[i].get("width", image_size[1])
+            results.append({"instances": rescale_detections(detections, height, width)})
+        return results
+
+    def _gt_instances(self, batched_inputs: List[dict]) -> List[Instances]:
+        gt_instances = []
+        for i, x in enumerate(batched_inputs):
+            image_id = x.get("image_id", i)
+            if "instances" not in x:
+                raise ValueError(f"Image {image_id}: training needs an 'instances' field with "
+                                 "gt_boxes and gt_classes")
+            inst = x["instances"].to(self.device)
+            boxes, classes = inst.gt_boxes.tensor, inst.gt_classes
+            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+                raise ValueError(f"Image {image_id}: gt_classes {sorted(set(classes.tolist()))} "
+                                 f"outside [0, {self.num_classes}) (MODEL.RETINANET.NUM_CLASSES)")
+            bad = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
+                    & (boxes[:, 3] > boxes[:, 1]))
+            if bad.any():
+                raise ValueError(f"Image {image_id}: degenerate or non-finite gt box "
+                                 f"{boxes[bad][0].tolist()} (need x2 > x1 and y2 > y1)")
+            gt_instances.append(inst)
+        return gt_instances
+
+    @torch.no_grad()
+    def label_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances]):
+        """Per image, the label of every anchor (class, ``num_classes`` = background, -1 = ignored)
+        and its matched gt box. Anchors matched to a box with ``gt_is_crowd`` set are ignored.
+
+        Returns (N, R) int64 labels and (N, R, 4) boxes."""
+        gt_labels, matched_gt_boxes = [], []
+        anchor_boxes = Boxes(anchors)
+        for inst in gt_instances:
+            iou = pairwise_iou(inst.gt_boxes, anchor_boxes)
+            matched_idxs, match_labels = self.anchor_matcher(iou)
+            if len(inst) > 0:
+                labels = inst.gt_classes[matched_idxs].to(torch.int64)
+                boxes = inst.gt_boxes.tensor[matched_idxs]
+                if inst.has("gt_is_crowd"):
+                    crowd = inst.gt_is_crowd.to(torch.bool)[matched_idxs]
+                    match_labels = torch.where(crowd & (match_labels != 0),
+                                               torch.full_like(match_labels, -1), match_labels)
+            else:
+                labels = torch.zeros_like(matched_idxs)
+                boxes = torch.zeros_like(anchors)
+            labels[match_labels == 0] = self.num_classes
+            labels[match_labels == -1] = -1
+            gt_labels.append(labels)
+            matched_gt_boxes.append(boxes)
+        return torch.stack(gt_labels), torch.stack(matched_gt_boxes)

@@ -1,0 +1,127 @@
+"""Feature Pyramid Network (Lin et al. 2017) with RetinaNet's extra P6/P7 levels.
+
+Levels ``min_level``..5 come from the backbone's ``c<k>`` through a 1x1 lateral conv, the top-down
+path (nearest upsampling to the lateral's size, then add) and a 3x3 output conv. Levels above 5 come
+from the top block: P6 is a 3x3 stride-2 conv on ``p5`` (torchvision v1) or ``c5`` (paper,
+detectron2), each further level is ReLU then a 3x3 stride-2 conv on the previous one.
+"""
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+
+from detector.layers import ShapeSpec
+
+from ..common import norm_factory
+from .build import NECK_REGISTRY
+
+__all__ = ["FeaturePyramidNetwork", "FPN"]
+
+
+class FeaturePyramidNetwork(nn.Module):
+    """Args:
+        input_shape: backbone output shapes; must contain ``c<min_level>``..``c<min(5, max_level)>``
+            (and ``c5`` when ``top_block_in`` is "c5" and ``max_level`` > 5).
+        out_channels: channels of every output level.
+        min_level, max_level: output levels ``p<min_level>``..``p<max_level>``.
+        top_block_in: "p5" or "c5", the input of P6.
+        norm: norm of the lateral and output convs ("" for none); the top block has none.
+    """
+
+    def __init__(self, *, input_shape: Dict[str, ShapeSpec], out_channels: int = 256,
+                 min_level: int = 3, max_level: int = 7, top_block_in: str = "p5", norm: str = "",
+                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+        super().__init__()
+        if not 1 <= min_level <= 5 or max_level < min_level:
+            raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: need "
+                             "1 <= MIN_LEVEL <= 5 and MAX_LEVEL >= MIN_LEVEL")
+        if top_block_in not in ("p5", "c5"):
+            raise ValueError(f"MODEL.NECK.TOP_BLOCK_IN='{top_block_in}' must be 'p5' or 'c5'")
+        backbone_levels = list(range(min_level, min(5, max_level) + 1))
+        needed = [f"c{k}" for k in backbone_levels]
+        if max_level > 5 and top_block_in == "c5":
+            needed.append("c5")
+        missing = sorted(set(needed) - set(input_shape))
+        if missing:
+            raise ValueError(
+                f"FPN levels P{min_level}-P{max_level} (MODEL.NECK.MIN_LEVEL/MAX_LEVEL, "
+                f"TOP_BLOCK_IN={top_block_in}) need backbone features {missing}; add them to "
+                f"MODEL.BACKBONE.OUT_FEATURES (has {sorted(input_shape)})"
+            )
+        for k in backbone_levels:
+            if input_shape[f"c{k}"].stride != 2 ** k:
+                raise ValueError(f"Backbone feature c{k} has stride {input_shape[f'c{k}'].stride}, "
+                                 f"expected {2 ** k}")
+        self.min_level, self.max_level = min_level, max_level
+        self.backbone_levels = backbone_levels
+        self.top_block_in = top_block_in
+        self.out_channels = out_channels
+
+        make_norm = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum,
+                                 bn_eps=bn_eps, key="MODEL.NECK.NORM")
+        self.lateral_convs = nn.ModuleDict()
+        self.output_convs = nn.ModuleDict()
+        for k in backbone_levels:
+            self.lateral_convs[f"p{k}"] = Conv2dNormActivation(
+                input_shape[f"c{k}"].channels, out_channels, kernel_size=1, padding=0,
+                norm_layer=make_norm, activation_layer=None)
+            self.output_convs[f"p{k}"] = Conv2dNormActivation(
+                out_channels, out_channels, kernel_size=3, norm_layer=make_norm,
+                activation_layer=None)
+        self.top_block = nn.ModuleDict()
+        for k in range(6, max_level + 1):
+            from_c5 = k == 6 and top_block_in == "c5"
+            in_ch = input_shape["c5"].channels if from_c5 else out_channels
+            self.top_block[f"p{k}"] = nn.Conv2d(in_ch, out_channels, kernel_size=3, stride=2,
+                                                padding=1)
+
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_uniform_(m.weight, a=1)
+                if m.bias is not None:
+                    nn.init.constant_(m.bias, 0)
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {f"p{k}": ShapeSpec(channels=self.out_channels, stride=2 ** k)
+                for k in range(self.min_level, self.max_level + 1)}
+
+    def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        results = {}
+        top_down = None
+        for k in reversed(self.backbone_levels):
+            lateral = self.lateral_convs[f"p{k}"](features[f"c{k}"])
+            if top_down is not None:
+                lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
+            top_down = lateral
+            results[f"p{k}"] = self.output_convs[f"p{k}"](lateral)
+        previous = None
+        for k in range(6, self.max_level + 1):
+            if k == 6:
+                x = features["c5"] if self.top_block_in == "c5" else results["p5"]
+            else:
+                x = F.relu(previous)
+            previous = self.top_block[f"p{k}"](x)
+            results[f"p{k}"] = previous
+        return {f"p{k}": results[f"p{k}"] for k in range(self.min_level, self.max_level + 1)}
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
+        return {
+            "input_shape": input_shape,
+            "out_channels": cfg.MODEL.NECK.OUT_CHANNELS,
+            "min_level": cfg.MODEL.NECK.MIN_LEVEL,
+            "max_level": cfg.MODEL.NECK.MAX_LEVEL,
+            "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN,
+            "norm": cfg.MODEL.NECK.NORM,
+            "gn_groups": cfg.MODEL.GN.NUM_GROUPS,
+            "bn_momentum": cfg.MODEL.BN.MOMENTUM,
+            "bn_eps": cfg.MODEL.BN.EPS,
+        }
+
+
+@NECK_REGISTRY.register()
+def FPN(cfg, input_shape: Dict[str, ShapeSpec]) -> FeaturePyramidNetwork:
+    """FPN from ``MODEL.NECK`` on top of the backbone features described by ``input_shape``."""
+    return FeaturePyramidNetwork(**FeaturePyramidNetwork.from_config(cfg, input_shape))

@@ -1,0 +1,90 @@
+import pytest
+import torch
+from fvcore.nn import FlopCountAnalysis
+from torch import nn
+
+from detector.layers import FrozenBatchNorm2d
+from detector.modeling import build_backbone
+from detector.modeling.backbone import ResNetBackbone, TinyNetBackbone
+
+from modeling_testutils import tiny_cfg
+
+EXPECTED_CHANNELS = {18: [64, 128, 256, 512], 34: [64, 128, 256, 512], 50: [256, 512, 1024, 2048]}
+
+
+@pytest.mark.parametrize("depth", [18, 34, 50])
+def test_resnet_depth_shapes(depth):
+    cfg = tiny_cfg(**{"MODEL.BACKBONE.NAME": "ResNet", "MODEL.RESNETS.DEPTH": str(depth),
+                      "MODEL.BACKBONE.NORM": "FrozenBN",
+                      "MODEL.BACKBONE.OUT_FEATURES": '["c2", "c3", "c4", "c5"]'})
+    backbone = build_backbone(cfg)
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        out = backbone(x)
+    shapes = backbone.output_shape()
+    assert list(out) == ["c2", "c3", "c4", "c5"] == list(shapes)
+    for k, channels in zip(range(2, 6), EXPECTED_CHANNELS[depth]):
+        assert shapes[f"c{k}"].channels == channels and shapes[f"c{k}"].stride == 2 ** k
+        assert out[f"c{k}"].shape == (1, channels, 64 // 2 ** k, 96 // 2 ** k)
+
+
+def _trainable_prefixes(backbone):
+    return sorted({n.split(".")[0] for n, p in backbone.named_parameters() if p.requires_grad})
+
+
+@pytest.mark.parametrize("freeze_at,trainable", [
+    (0, ["bn1", "conv1", "layer1", "layer2", "layer3", "layer4"]),
+    (1, ["layer1", "layer2", "layer3", "layer4"]),
+    (2, ["layer2", "layer3", "layer4"]),
+    (5, []),
+])
+def test_resnet_freeze_at(freeze_at, trainable):
+    backbone = ResNetBackbone(depth=18, norm="BN", freeze_at=freeze_at)
+    assert _trainable_prefixes(backbone) == trainable
+    # BatchNorm in frozen stages stops updating statistics too
+    if freeze_at >= 2:
+        assert isinstance(backbone.bn1, FrozenBatchNorm2d)
+        assert isinstance(backbone.layer1[0].bn1, FrozenBatchNorm2d)
+    if freeze_at < 5:
+        assert isinstance(backbone.layer4[0].bn1, nn.BatchNorm2d)
+
+
+def test_resnet_norms_and_unbuilt_stages():
+    gn = ResNetBackbone(depth=18, norm="GN", gn_groups=16, out_features=["c3"])
+    assert isinstance(gn.bn1, nn.GroupNorm) and gn.bn1.num_groups == 16
+    assert not hasattr(gn, "layer3") and not hasattr(gn, "layer4")  # above c3: not built
+    assert list(gn(torch.randn(1, 3, 64, 64))) == ["c3"]
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.OUT_FEATURES"):
+        ResNetBackbone(depth=18, out_features=["c1", "c3"])
+    with pytest.raises(ValueError, match="MODEL.RESNETS.DEPTH=152"):
+        ResNetBackbone(depth=152)
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.NORM: unknown norm 'LN'"):
+        ResNetBackbone(depth=18, norm="LN")
+
+
+def test_tinynet_shapes_and_cost():
+    backbone = build_backbone(tiny_cfg(**{
+        "MODEL.TINYNET.CHANNELS": "[16, 32, 64, 96, 128]",
+        "MODEL.BACKBONE.OUT_FEATURES": '["c2", "c3", "c4", "c5"]'}))
+    assert isinstance(backbone, TinyNetBackbone)
+    backbone.eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        out = backbone(x)
+    for k, channels in zip(range(2, 6), [32, 64, 96, 128]):
+        assert out[f"c{k}"].shape == (2, channels, 128 // 2 ** k, 128 // 2 ** k)
+        assert backbone.output_shape()[f"c{k}"].stride == 2 ** k
+    # light enough for the CPU demo: < 1 M parameters, < 0.1 GMAC per 128 px image (ResNet-18: 0.6)
+    assert sum(p.numel() for p in backbone.parameters()) < 1_000_000
+    flops = FlopCountAnalysis(backbone, x[:1])
+    flops.unsupported_ops_warnings(False)
+    assert flops.total() < 0.1e9
+
+
+def test_tinynet_freeze_and_registry():
+    backbone = TinyNetBackbone(channels=[8, 8, 8, 8, 8], norm="BN", freeze_at=2)
+    frozen = {n for n, p in backbone.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("stages.0.", "stages.1.")) for n in frozen)
+    assert isinstance(backbone.stages[1].bn1, FrozenBatchNorm2d)
+    with pytest.raises(KeyError, match="MODEL.BACKBONE.NAME='VGG'"):
+        build_backbone(tiny_cfg(**{"MODEL.BACKBONE.NAME": "VGG"}))

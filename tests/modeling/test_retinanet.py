@@ -1,0 +1,171 @@
+import pytest
+import torch
+
+from detector.modeling import RetinaNet, build_model
+from detector.modeling.box_coder import BoxCoder
+from detector.modeling.postprocessing import rescale_detections, retinanet_inference_single_image
+from detector.structures import Boxes, Instances
+
+from modeling_testutils import make_batch, tiny_cfg
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    return build_model(tiny_cfg(**overrides))
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny convs run faster on one thread, and do not stall when other processes share the CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_train_step_reduces_loss_on_a_fixed_batch(single_thread):
+    model = _model()
+    model.train()
+    batch = make_batch(2, (64, 64))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+                                momentum=0.9)
+    totals, cls_losses = [], []
+    for _ in range(20):
+        losses = model(batch)
+        assert set(losses) == {"loss_cls", "loss_box_reg"}
+        total = sum(losses.values())
+        totals.append(total.item())
+        cls_losses.append(losses["loss_cls"].item())
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+    assert totals[-1] < 0.8 * totals[0], totals
+    assert cls_losses[-1] < cls_losses[0], cls_losses
+
+
+def test_empty_ground_truth_is_all_background():
+    model = _model()
+    model.train()
+    batch = make_batch(2, (64, 64))
+    batch[1]["instances"] = Instances((64, 64), gt_boxes=Boxes(torch.zeros(0, 4)),
+                                      gt_classes=torch.zeros(0, dtype=torch.int64))
+    losses = model(batch)
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_box_reg"] > 0
+    labels, _ = model.label_anchors(torch.cat(model.anchor_generator(
+        [torch.zeros(1, 1, 64 // s, 64 // s) for s in (8, 16, 32)])), [batch[1]["instances"]])
+    assert torch.all(labels == model.num_classes)
+
+    only_empty = [batch[1]]
+    losses = model(only_empty)
+    assert losses["loss_box_reg"].item() == 0.0 and losses["loss_cls"].item() > 0
+    sum(losses.values()).backward()
+    assert model.head.cls_score.weight.grad is not None
+
+
+def test_crowd_matches_are_ignored():
+    model = _model()
+    anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 32.0],
+                            [0.0, 32.0, 32.0, 64.0]])
+    gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 30.0]]))
+    inst = Instances((64, 64), gt_boxes=gt_boxes, gt_classes=torch.tensor([1, 2]),
+                     gt_is_crowd=torch.tensor([0, 1]))
+    labels, boxes = model.label_anchors(anchors, [inst])
+    assert labels.tolist() == [[1, -1, model.num_classes]]
+    assert torch.equal(boxes[0, 0], inst.gt_boxes.tensor[0])
+
+
+def test_bad_training_inputs_name_the_image():
+    model = _model()
+    model.train()
+    batch = make_batch(2, (64, 64))
+    batch[1]["instances"].gt_classes[0] = 3
+    expected = r"Image 1: gt_classes .* outside \[0, 3\) \(MODEL.RETINANET.NUM_CLASSES\)"
+    with pytest.raises(ValueError, match=expected):
+        model(batch)
+    batch = make_batch(2, (64, 64))
+    batch[0]["instances"].gt_boxes.tensor[1] = torch.tensor([10.0, 10.0, 5.0, 20.0])
+    with pytest.raises(ValueError, match="Image 0: degenerate or non-finite gt box"):
+        model(batch)
+    with pytest.raises(ValueError, match="Image 0: training needs an 'instances' field"):
+        model(make_batch(1, (64, 64), with_instances=False))
+    with pytest.raises(ValueError, match=r"Image 0: expected a \(3, H, W\) tensor"):
+        model([{"image": torch.zeros(1, 64, 64), "image_id": 0}])
+
+
+def test_inference_outputs_rescaled_to_original_size():
+    model = _model(**{"MODEL.RETINANET.SCORE_THRESH_TEST": "0.0",
+                      "TEST.DETECTIONS_PER_IMAGE": "25"})
+    model.eval()
+    batch = make_batch(2, (64, 96), with_instances=False)
+    with torch.no_grad():
+        same = model(batch)
+        batch[0]["height"], batch[0]["width"] = 128, 192  # the image was resized by 0.5
+        doubled = model(batch)
+    for out in same:
+        inst = out["instances"]
+        assert inst.image_size == (64, 96) and len(inst) == 25
+        assert inst.pred_classes.dtype == torch.int64 and inst.pred_classes.max() < 3
+        assert torch.all(inst.scores[:-1] >= inst.scores[1:])
+    big = doubled[0]["instances"]
+    assert big.image_size == (128, 192)
+    torch.testing.assert_close(big.pred_boxes.tensor, same[0]["instances"].pred_boxes.tensor * 2)
+    torch.testing.assert_close(big.scores, same[0]["instances"].scores)
+
+
+def test_padding_and_normalisation():
+    model = _model(**{"MODEL.PIXEL_MEAN": "[10.0, 20.0, 30.0]",
+                      "MODEL.PIXEL_STD": "[2.0, 4.0, 5.0]"})
+    assert model.size_divisibility == 32  # largest stride of P3-P5
+    image = torch.full((3, 70, 50), 40, dtype=torch.uint8)
+    images = model.preprocess_image([{"image": image}])
+    assert images.tensor.shape == (1, 3, 96, 64) and images.image_sizes == [(70, 50)]
+    assert images.tensor[0, :, 0, 0].tolist() == [15.0, 5.0, 2.0]
+    assert images.tensor[0, :, 80, 60].tolist() == [0.0, 0.0, 0.0]
+    assert _model(**{"MODEL.SIZE_DIVISIBILITY": "16"}).size_divisibility == 16
+
+
+def test_head_initialisation_and_output_shapes():
+    model = _model()
+    head = model.head
+    torch.testing.assert_close(head.cls_score.bias, torch.full_like(head.cls_score.bias, -4.59512),
+                               atol=1e-4, rtol=0)
+    assert head.cls_score.out_channels == 9 * 3 and head.bbox_pred.out_channels == 9 * 4
+    feats = [torch.randn(2, 32, s, s) for s in (8, 4, 2)]
+    logits, deltas = head(feats)
+    assert [tuple(x.shape) for x in logits] == [(2, 27, s, s) for s in (8, 4, 2)]
+    assert [tuple(x.shape) for x in deltas] == [(2, 36, s, s) for s in (8, 4, 2)]
+    gn_head = _model(**{"MODEL.RETINANET.NORM": "GN"}).head
+    assert isinstance(gn_head.cls_subnet[0][1], torch.nn.GroupNorm)
+
+
+def test_postprocessing_threshold_topk_nms_and_clip():
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0],
+                            [50.0, 50.0, 60.0, 60.0], [90.0, 90.0, 110.0, 110.0]])
+    logit = lambda p: torch.logit(torch.tensor(p)).item()  # noqa: E731
+    logits = torch.tensor([[logit(0.9), logit(0.01)],     # kept
+                           [logit(0.8), logit(0.7)],      # class 0 loses NMS to anchor 0
+                           [logit(0.6), logit(0.04)],     # kept; 0.04 below threshold
+                           [logit(0.5), logit(0.3)]])     # dropped by top-k (k=5)
+    out = retinanet_inference_single_image(
+        [logits], [torch.zeros(4, 4)], [anchors], (100, 100), box_coder=BoxCoder(),
+        score_thresh=0.05, topk_candidates=5, nms_thresh=0.5, max_detections=10)
+    assert out.pred_classes.tolist() == [0, 1, 0, 0]
+    torch.testing.assert_close(out.scores, torch.tensor([0.9, 0.7, 0.6, 0.5]))
+    assert out.pred_boxes.tensor[-1].tolist() == [90.0, 90.0, 100.0, 100.0]  # clipped
+    capped = retinanet_inference_single_image(
+        [logits], [torch.zeros(4, 4)], [anchors], (100, 100), box_coder=BoxCoder(),
+        score_thresh=0.05, topk_candidates=5, nms_thresh=0.5, max_detections=2)
+    assert capped.scores.tolist() == pytest.approx([0.9, 0.7])
+    small = rescale_detections(out, 50, 50)
+    assert small.image_size == (50, 50)
+    assert small.pred_boxes.tensor[0].tolist() == [0.0, 0.0, 5.0, 5.0]
+
+
+def test_registry_and_device():
+    model = _model()
+    assert isinstance(model, RetinaNet) and model.device == torch.device("cpu")
+    assert not any(k.startswith(("pixel_", "anchor_generator")) for k in model.state_dict())
+    with pytest.raises(KeyError, match="MODEL.META_ARCHITECTURE='FCOS'"):
+        build_model(tiny_cfg(**{"MODEL.META_ARCHITECTURE": "FCOS"}))
+    with pytest.raises(ValueError, match="BBOX_REG_LOSS_TYPE='l2'"):
+        build_model(tiny_cfg(**{"MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "l2"}))

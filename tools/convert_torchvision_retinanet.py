@@ -1,0 +1,104 @@
+#!/usr/bin/env python
+"""Convert a torchvision ``retinanet_resnet50_fpn`` (v1) checkpoint into this project's format.
+
+    python tools/convert_torchvision_retinanet.py --input retinanet_resnet50_fpn_coco.pth \\
+        --output retinanet_tv.pth
+    python tools/test_net.py --config-file configs/retinanet/retinanet_R_50_FPN_torchvision.yaml \\
+        MODEL.WEIGHTS retinanet_tv.pth
+
+With ``--coco-contiguous`` the 91-way torchvision head (indexed by COCO category id) is cut to the
+80 real COCO categories in id order, the contiguous ids of this project's COCO datasets; evaluate it
+with ``MODEL.RETINANET.NUM_CLASSES 80``. The converted weights are checked against the model built
+from ``--config-file`` and written atomically as ``{"model": state_dict}``.
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+from detector.checkpoint.torchvision_retinanet import (  # noqa: E402
+    COCO_CATEGORY_IDS,
+    TorchvisionConversionError,
+    check_against,
+    convert_torchvision_retinanet_state_dict,
+    select_classes,
+)
+from detector.config import get_cfg  # noqa: E402
+from detector.modeling import build_model  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")
+logger = logging.getLogger("convert_torchvision_retinanet")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="torchvision state dict (.pth)")
+    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG,
+                        help="config whose model the weights must fit (default: %(default)s)")
+    parser.add_argument("--coco-contiguous", action="store_true",
+                        help="keep the 80 COCO categories in contiguous order (NUM_CLASSES 80)")
+    return parser
+
+
+def load_torchvision_state_dict(path: str) -> dict:
+    """A plain state dict, or the "model" entry of a torchvision reference training checkpoint."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch.load raises many types for non-checkpoint files
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise TorchvisionConversionError(
+            f"not a loadable torch checkpoint ({type(e).__name__}: {first_line})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TorchvisionConversionError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def convert(args) -> dict:
+    converted = convert_torchvision_retinanet_state_dict(load_torchvision_state_dict(args.input))
+    if args.coco_contiguous:
+        converted = select_classes(converted, COCO_CATEGORY_IDS)
+    num_anchors = converted["head.bbox_pred.bias"].numel() // 4
+    num_classes = converted["head.cls_score.bias"].numel() // num_anchors
+
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    if cfg.MODEL.RETINANET.NUM_CLASSES != num_classes:
+        logger.warning("The checkpoint has %d classes, %s says %d: evaluate with "
+                       "MODEL.RETINANET.NUM_CLASSES %d", num_classes, args.config_file,
+                       cfg.MODEL.RETINANET.NUM_CLASSES, num_classes)
+        cfg.MODEL.RETINANET.NUM_CLASSES = num_classes
+    cfg.MODEL.DEVICE = "cpu"
+    check_against(converted, build_model(cfg).state_dict())
+    return converted
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        converted = convert(args)
+    except (TorchvisionConversionError, OSError) as e:
+        print(f"error: {args.input}: {e}", file=sys.stderr)
+        return 1
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = args.output + ".tmp"
+    torch.save({"model": converted}, tmp)
+    os.replace(tmp, args.output)
+    logger.info("Wrote %d tensors to %s", len(converted), args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
