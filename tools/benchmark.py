@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
 from detector.config import get_cfg  # noqa: E402
+from detector.layers import convert_frozen_batchnorm  # noqa: E402
 from detector.modeling import build_model  # noqa: E402
 from detector.structures import Boxes, Instances  # noqa: E402
 
@@ -28,15 +29,26 @@ TV_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torch
 
 
 def build_pair(size, num_classes=91, seed=0):
-    """torchvision's retinanet_resnet50_fpn with random weights and ours holding the same weights."""
-    from torchvision.models.detection import retinanet_resnet50_fpn
+    """torchvision's retinanet_resnet50_fpn with random weights and ours holding the same weights.
 
-    torch.manual_seed(seed)
-    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
-                                min_size=size, max_size=size)
+    torchvision is set up as it is for its released COCO weights (FrozenBN with eps 0, stem and
+    res2 frozen), which is what our torchvision config mirrors; both normalise 0-255 pixels alike.
+    """
+    from torchvision.models.detection import retinanet_resnet50_fpn
+    from torchvision.models.detection._utils import overwrite_eps
+
     cfg = get_cfg()
     cfg.merge_from_file(TV_CONFIG)
     cfg.merge_from_list(["MODEL.RETINANET.NUM_CLASSES", str(num_classes)])
+    torch.manual_seed(seed)
+    tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
+                                min_size=size, max_size=size, image_mean=cfg.MODEL.PIXEL_MEAN,
+                                image_std=cfg.MODEL.PIXEL_STD)
+    tv.backbone.body = convert_frozen_batchnorm(tv.backbone.body)
+    overwrite_eps(tv, 0.0)
+    for name, param in tv.backbone.body.named_parameters():
+        if name.startswith(("conv1.", "layer1.")):
+            param.requires_grad_(False)
     ours = build_model(cfg)
     ours.load_state_dict(convert_torchvision_retinanet_state_dict(tv.state_dict()))
     return tv, ours
@@ -44,7 +56,7 @@ def build_pair(size, num_classes=91, seed=0):
 
 def make_inputs(batch, size, seed=1):
     g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, size, size, generator=g) for _ in range(batch)]
+    images = [torch.randint(0, 256, (3, size, size), generator=g).float() for _ in range(batch)]
     boxes = []
     for _ in range(batch):
         xy = torch.rand(4, 2, generator=g) * size * 0.6
@@ -55,19 +67,22 @@ def make_inputs(batch, size, seed=1):
     ours = []
     for img, b, lab in zip(images, boxes, labels):
         inst = Instances((size, size), gt_boxes=Boxes(b.clone()), gt_classes=lab.clone())
-        ours.append({"image": img * 255.0, "height": size, "width": size, "instances": inst})
+        ours.append({"image": img.clone(), "height": size, "width": size, "instances": inst})
     return images, tv_targets, ours
 
 
-def time_fn(fn, iters, warmup):
+def time_pair(fn_a, fn_b, iters, warmup):
+    """Median seconds of two functions, run alternately so machine noise hits both alike."""
     for _ in range(warmup):
-        fn()
-    samples = []
+        fn_a()
+        fn_b()
+    samples_a, samples_b = [], []
     for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        for fn, samples in ((fn_a, samples_a), (fn_b, samples_b)):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples_a), statistics.median(samples_b)
 
 
 def check_outputs_match(tv, ours, images, our_inputs):
@@ -115,8 +130,9 @@ def main(argv=None):
     ours.eval()
     bi = args.infer_batch
     our_eval_inputs = [{k: v for k, v in d.items() if k != "instances"} for d in our_inputs[:bi]]
-    t_tv_inf = time_fn(infer(tv, images[:bi]), args.iters, args.warmup) / bi
-    t_our_inf = time_fn(infer(ours, our_eval_inputs), args.iters, args.warmup) / bi
+    t_tv_inf, t_our_inf = time_pair(infer(tv, images[:bi]), infer(ours, our_eval_inputs),
+                                    args.iters, args.warmup)
+    t_tv_inf, t_our_inf = t_tv_inf / bi, t_our_inf / bi
 
     bt = args.train_batch
     opt_tv = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6)
@@ -133,10 +149,9 @@ def main(argv=None):
 
     tv.train()
     ours.train()
-    t_tv_train = time_fn(train(tv, opt_tv, lambda: tv(images[:bt], tv_targets[:bt])),
-                         args.iters, args.warmup)
-    t_our_train = time_fn(train(ours, opt_ours, lambda: ours(our_inputs[:bt])),
-                          args.iters, args.warmup)
+    t_tv_train, t_our_train = time_pair(
+        train(tv, opt_tv, lambda: tv(images[:bt], tv_targets[:bt])),
+        train(ours, opt_ours, lambda: ours(our_inputs[:bt])), args.iters, args.warmup)
 
     rows = {
         "inference_ms_per_img": (t_tv_inf * 1000, t_our_inf * 1000, t_tv_inf / t_our_inf),
