@@ -14,31 +14,7 @@ from detector.engine import hooks
 from detector.engine.train_loop import HookBase, SimpleTrainer
 from detector.solver import build_lr_scheduler
 from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
-
-
-class _Collect(logging.Handler):
-    """Collects a logger's records directly (independent of propagation to the root logger)."""
-
-    def __init__(self, name, level=logging.INFO):
-        super().__init__(logging.DEBUG)
-        self.lines, self._log, self._level = [], logging.getLogger(name), level
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
-
-    def __enter__(self):
-        self._old_level = self._log.level
-        self._log.setLevel(self._level)
-        self._log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self)
-        self._log.setLevel(self._old_level)
+from log_capture import CollectLogs
 
 
 class Regression(nn.Module):
@@ -177,7 +153,7 @@ def test_lr_scheduler_hook_records_lr_of_largest_group():
 def test_iteration_timer_records_time_and_summary():
     trainer = _trainer()
     trainer.register_hooks([hooks.IterationTimer(warmup_iter=2)])
-    with _Collect("detector.engine.hooks") as logs:
+    with CollectLogs("detector.engine.hooks") as logs:
         trainer.train(0, 6)
     times = trainer.storage.history("time").values()
     assert [it for _, it in times] == list(range(6)) and all(t > 0 for t, _ in times)

@@ -8,31 +8,7 @@ from torch import nn
 
 from detector.config import get_cfg
 from detector.solver import build_lr_scheduler
-
-class _Collect(logging.Handler):
-    """Collects a logger's records directly (independent of propagation to the root logger)."""
-
-    def __init__(self, name, level=logging.INFO):
-        super().__init__(logging.DEBUG)
-        self.lines, self._log, self._level = [], logging.getLogger(name), level
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
-
-    def __enter__(self):
-        self._old_level = self._log.level
-        self._log.setLevel(self._level)
-        self._log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self)
-        self._log.setLevel(self._old_level)
-
+from log_capture import CollectLogs
 
 BASE_LR = 0.1
 
@@ -118,7 +94,7 @@ def test_constant_warmup_and_bias_lr_group():
 def test_no_warmup_and_warmup_longer_than_run():
     lrs = _lrs(_cfg(WARMUP_ITERS=0), 31)
     assert lrs[0] == pytest.approx(0.1) and lrs[31] == pytest.approx(0.01)
-    with _Collect("detector.solver.lr_scheduler", logging.WARNING) as logs:
+    with CollectLogs("detector.solver.lr_scheduler", logging.WARNING) as logs:
         cfg = _cfg(MAX_ITER=4, STEPS=(), WARMUP_ITERS=10)
         lrs = _lrs(cfg, 4)
     assert "WARMUP_ITERS=10" in logs.text
@@ -127,7 +103,7 @@ def test_no_warmup_and_warmup_longer_than_run():
 
 
 def test_steps_beyond_max_iter_warn():
-    with _Collect("detector.solver.lr_scheduler", logging.WARNING) as logs:
+    with CollectLogs("detector.solver.lr_scheduler", logging.WARNING) as logs:
         lrs = _lrs(_cfg(STEPS=(30, 200)), 100)
     assert "200" in logs.text and "MAX_ITER" in logs.text
     assert lrs[99] == pytest.approx(0.01)

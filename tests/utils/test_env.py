@@ -1,36 +1,11 @@
 """Seeding and environment description."""
-import logging
 import random
 
 import numpy as np
 import torch
 
 from detector.utils.env import collect_env_info, seed_all_rng
-
-
-class _Collect(logging.Handler):
-    """Collects a logger's records directly (independent of propagation to the root logger)."""
-
-    def __init__(self, name, level=logging.INFO):
-        super().__init__(logging.DEBUG)
-        self.lines, self._log, self._level = [], logging.getLogger(name), level
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
-
-    def __enter__(self):
-        self._old_level = self._log.level
-        self._log.setLevel(self._level)
-        self._log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self)
-        self._log.setLevel(self._old_level)
+from log_capture import CollectLogs
 
 
 def _draw():
@@ -47,7 +22,7 @@ def test_seed_all_rng_is_reproducible():
 
 
 def test_negative_seed_is_generated_and_logged():
-    with _Collect("detector.utils.env") as logs:
+    with CollectLogs("detector.utils.env") as logs:
         seed = seed_all_rng(-1)
     assert 0 <= seed < 2 ** 31
     assert f"random seed {seed}" in logs.text

@@ -4,31 +4,7 @@ import logging
 import pytest
 
 from detector.utils.logger import log_every_n_seconds, log_first_n, setup_logger
-
-
-class _Collect(logging.Handler):
-    """Collects a logger's records directly (independent of propagation to the root logger)."""
-
-    def __init__(self, name, level=logging.INFO):
-        super().__init__(logging.DEBUG)
-        self.lines, self._log, self._level = [], logging.getLogger(name), level
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-    @property
-    def text(self):
-        return "\n".join(self.lines)
-
-    def __enter__(self):
-        self._old_level = self._log.level
-        self._log.setLevel(self._level)
-        self._log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc):
-        self._log.removeHandler(self)
-        self._log.setLevel(self._old_level)
+from log_capture import CollectLogs
 
 
 @pytest.fixture
@@ -83,7 +59,7 @@ def test_forced_colour_uses_coloured_message(tmp_path, capsys, fresh_logger, mon
 
 
 def test_log_first_n_and_every_n_seconds():
-    with _Collect("detector.tests") as logs:
+    with CollectLogs("detector.tests") as logs:
         for _ in range(5):
             log_first_n(logging.INFO, "first-n message", n=2, name="detector.tests")
             log_every_n_seconds(logging.INFO, "rate-limited", n=3600, name="detector.tests")
