@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detector.engine import default_argument_parser, launch  # noqa: E402
+from detector.engine import default_argument_parser  # noqa: E402
+from detector.engine.defaults import launch_from_args  # noqa: E402
 
 
 def build_parser():
@@ -53,8 +54,8 @@ def cli(argv=None):
     args = build_parser().parse_args(argv)
     if args.results_json:
         return evaluate_results_file(args)
-    return launch(main, args.num_gpus, num_machines=args.num_machines,
-                  machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,))
+    args.eval_only = True
+    return launch_from_args(main, args, prog="test_net.py")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,13 @@
     python tools/train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS model_final.pth
     python tools/train_net.py --config-file cfg.yaml --num-gpus 2
     torchrun --nproc_per_node=2 tools/train_net.py --config-file cfg.yaml
+    # two machines (run on each; c10d assigns the node ranks):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \
+        --rdzv-id=job1 tools/train_net.py --config-file cfg.yaml
+
+A failed process stops the whole run: its traceback is printed once and the command exits with
+status 1 and a one-line "error: rank R of W failed ..." message. DIST.TIMEOUT_MINUTES bounds how
+long the others wait for a peer that died on another machine.
 """
 import logging
 import os
@@ -14,8 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detector.checkpoint import DetectionCheckpointer  # noqa: E402
-from detector.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
-from detector.engine.defaults import setup_cfg  # noqa: E402
+from detector.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
+from detector.engine.defaults import launch_from_args, setup_cfg  # noqa: E402
 from detector.utils import comm  # noqa: E402
 
 
@@ -38,14 +45,8 @@ def main(args):
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
-    return launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    # reads and checks the config before any process starts (DIST.TIMEOUT_MINUTES, batch split)
+    return launch_from_args(main, args, prog="train_net.py")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ _C.MODEL.BN = CN()
 _C.MODEL.BN.MOMENTUM = 0.1
 # BatchNorm epsilon; EfficientDet uses 1e-3
 _C.MODEL.BN.EPS = 1e-5
+_C.MODEL.EVONORM = CN()
+# Channel groups of "EvoNormS0"'s group std (must divide the channels); running-variance momentum
+# of "EvoNormB0" is MODEL.BN.MOMENTUM
+_C.MODEL.EVONORM.NUM_GROUPS = 32
+# Epsilon added to the variances of "EvoNormS0" / "EvoNormB0"
+_C.MODEL.EVONORM.EPS = 1e-5
 
 # ---------------------------------------------------------------------------
 # Backbone (bottom-up network producing c2..c5)
@@ -46,7 +52,7 @@ _C.MODEL.BACKBONE = CN()
 _C.MODEL.BACKBONE.NAME = "ResNet"
 # Freeze the stem (1) and the first N-1 stages; 0 trains everything
 _C.MODEL.BACKBONE.FREEZE_AT = 2
-# Norm of the backbone: "FrozenBN", "BN", "GN" or "" (none)
+# Norm of the backbone: "FrozenBN", "BN", "SyncBN", "GN", "EvoNormS0", "EvoNormB0", "SN" or ""
 _C.MODEL.BACKBONE.NORM = "FrozenBN"
 # Backbone features handed to the neck, named c<level> (stride 2**level)
 _C.MODEL.BACKBONE.OUT_FEATURES = ["c3", "c4", "c5"]
@@ -59,6 +65,12 @@ _C.MODEL.TINYNET = CN()
 # Output channels of the five stride-2 stages c1..c5 of the light demo backbone
 _C.MODEL.TINYNET.CHANNELS = [16, 32, 64, 96, 128]
 
+_C.MODEL.EFFICIENTNET = CN()
+# EfficientNet size "b0".."b7" (backbone "EfficientNet"); "" = from MODEL.EFFICIENTDET.COMPOUND_COEF
+_C.MODEL.EFFICIENTNET.VARIANT = ""
+# Stochastic depth (drop connect) rate of the MBConv blocks, growing linearly with depth
+_C.MODEL.EFFICIENTNET.DROP_PATH_RATE = 0.2
+
 # ---------------------------------------------------------------------------
 # Neck (feature pyramid p<min>..p<max>)
 # ---------------------------------------------------------------------------
@@ -67,7 +79,7 @@ _C.MODEL.NECK = CN()
 _C.MODEL.NECK.NAME = "FPN"
 # Channels of every pyramid level
 _C.MODEL.NECK.OUT_CHANNELS = 256
-# Norm of the neck convs: "", "BN", "GN", ...
+# Norm of the neck's lateral and output convs (same names as MODEL.BACKBONE.NORM)
 _C.MODEL.NECK.NORM = ""
 # Lowest pyramid level (2 = stride 4)
 _C.MODEL.NECK.MIN_LEVEL = 3
@@ -75,6 +87,18 @@ _C.MODEL.NECK.MIN_LEVEL = 3
 _C.MODEL.NECK.MAX_LEVEL = 7
 # Input of P6 in the top block: "p5" (torchvision v1) or "c5" (RetinaNet paper, detectron2)
 _C.MODEL.NECK.TOP_BLOCK_IN = "p5"
+
+_C.MODEL.BIFPN = CN()
+# Channels of every BiFPN level (neck "BiFPN"); 0 = from MODEL.EFFICIENTDET.COMPOUND_COEF
+_C.MODEL.BIFPN.CHANNELS = 0
+# Number of stacked BiFPN cells; 0 = from MODEL.EFFICIENTDET.COMPOUND_COEF
+_C.MODEL.BIFPN.NUM_REPEATS = 0
+# Fusion of node inputs: "fast" (normalised ReLU weights), "attn" (softmax), "sum"; "" = from coef
+_C.MODEL.BIFPN.FUSION = ""
+# Norm after each BiFPN conv and input-resampling 1x1 conv: "BN", "SyncBN", "GN", ...
+_C.MODEL.BIFPN.NORM = "BN"
+# Activation before each BiFPN node conv: "swish", "relu" or "" (none)
+_C.MODEL.BIFPN.ACT = "swish"
 
 # ---------------------------------------------------------------------------
 # Anchors (keras-retinanet style: one base size per level x scales x ratios)
@@ -101,7 +125,7 @@ _C.MODEL.RETINANET = CN()
 _C.MODEL.RETINANET.NUM_CLASSES = 80
 # Convs per branch (classification and box) before the predictor
 _C.MODEL.RETINANET.NUM_CONVS = 4
-# Norm of the head convs: "", "BN", "GN", ...
+# Norm of the head convs (names as MODEL.BACKBONE.NORM); BN-family norms are kept per level
 _C.MODEL.RETINANET.NORM = ""
 # Prior probability used to initialise the classification bias
 _C.MODEL.RETINANET.PRIOR_PROB = 0.01
@@ -127,6 +151,57 @@ _C.MODEL.RETINANET.SCORE_THRESH_TEST = 0.05
 _C.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
 # IoU threshold of the class-aware NMS
 _C.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
+
+# ---------------------------------------------------------------------------
+# EfficientDet (meta-architecture "EfficientDet": backbone + BiFPN + separable-conv heads)
+# ---------------------------------------------------------------------------
+_C.MODEL.EFFICIENTDET = CN()
+# Compound coefficient k of D<k> (0..7) giving backbone, BiFPN, head and anchor sizes; -1 = none
+_C.MODEL.EFFICIENTDET.COMPOUND_COEF = 0
+# Number of foreground classes
+_C.MODEL.EFFICIENTDET.NUM_CLASSES = 80
+# "same" (TensorFlow padding, needed by the original weights) or "symmetric" (PyTorch, faster)
+_C.MODEL.EFFICIENTDET.PADDING = "same"
+# Separable convs per head branch before the predictor; 0 = from COMPOUND_COEF
+_C.MODEL.EFFICIENTDET.NUM_HEAD_CONVS = 0
+# Norm of the head convs, one per pyramid level: "BN", "SyncBN", "GN", "EvoNormS0", ...
+_C.MODEL.EFFICIENTDET.HEAD_NORM = "BN"
+# Activation after each head norm: "swish", "relu" or "" (e.g. for EvoNorm, which has its own)
+_C.MODEL.EFFICIENTDET.HEAD_ACT = "swish"
+# Drop connect in the heads (TF survival_prob = 1 - rate): > 0 adds residuals around convs 2..n
+_C.MODEL.EFFICIENTDET.HEAD_DROP_PATH_RATE = 0.0
+# Bias on convs followed by a norm, as in the TF models (converted weights need it)
+_C.MODEL.EFFICIENTDET.REDUNDANT_BIAS = True
+# Prior probability used to initialise the classification bias
+_C.MODEL.EFFICIENTDET.PRIOR_PROB = 0.01
+# Anchor side = ANCHOR_SCALE * stride * octave scale; 0.0 = from COMPOUND_COEF (4, 5 for D7)
+_C.MODEL.EFFICIENTDET.ANCHOR_SCALE = 0.0
+# Octave scales per level: 2 ** (i / NUM_SCALES) for i < NUM_SCALES
+_C.MODEL.EFFICIENTDET.NUM_SCALES = 3
+# Anchor (width, height) multipliers, effdet's aspect ratios
+_C.MODEL.EFFICIENTDET.ASPECT_RATIOS = [[1.0, 1.0], [1.4, 0.7], [0.7, 1.4]]
+# Anchors with IoU >= this are foreground, below it background (plus each gt's best anchor)
+_C.MODEL.EFFICIENTDET.IOU_THRESHOLD = 0.5
+# Focal loss alpha
+_C.MODEL.EFFICIENTDET.FOCAL_LOSS_ALPHA = 0.25
+# Focal loss gamma (effdet: 1.5)
+_C.MODEL.EFFICIENTDET.FOCAL_LOSS_GAMMA = 1.5
+# Box loss: "huber" on encoded deltas or "giou" on decoded boxes
+_C.MODEL.EFFICIENTDET.BOX_LOSS_TYPE = "huber"
+# Huber delta of the box loss
+_C.MODEL.EFFICIENTDET.HUBER_DELTA = 0.1
+# Weight of the Huber box loss (normalised by 4 x (foreground anchors + 1), as effdet)
+_C.MODEL.EFFICIENTDET.BOX_LOSS_WEIGHT = 50.0
+# Weight of the GIoU box loss (normalised by foreground anchors + 1)
+_C.MODEL.EFFICIENTDET.GIOU_LOSS_WEIGHT = 1.0
+# Drop (anchor, class) candidates scoring at or below this at test time (effdet: 0, keep all)
+_C.MODEL.EFFICIENTDET.SCORE_THRESH_TEST = 0.0
+# Candidates kept over all levels before NMS
+_C.MODEL.EFFICIENTDET.TOPK_CANDIDATES_TEST = 5000
+# IoU threshold of the class-aware NMS
+_C.MODEL.EFFICIENTDET.NMS_THRESH_TEST = 0.5
+# Run backbone, BiFPN and heads in channels-last memory format (faster on CPU and tensor cores)
+_C.MODEL.EFFICIENTDET.CHANNELS_LAST = True
 
 # ---------------------------------------------------------------------------
 # Input pipeline
@@ -219,6 +294,11 @@ _C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 _C.SOLVER.AMP = CN()
 # Mixed precision: fp16 + GradScaler on CUDA, bf16 autocast on CPU
 _C.SOLVER.AMP.ENABLED = False
+_C.SOLVER.EMA = CN()
+# Keep an exponential moving average of the weights (detector/solver/ema.py), used for evaluation
+_C.SOLVER.EMA.ENABLED = False
+# EMA decay per iteration (effdet: 0.9998)
+_C.SOLVER.EMA.DECAY = 0.9998
 
 # ---------------------------------------------------------------------------
 # Test / evaluation
@@ -230,6 +310,13 @@ _C.TEST.EVAL_PERIOD = 0
 _C.TEST.DETECTIONS_PER_IMAGE = 100
 # COCO evaluation backend: "pycocotools" or "faster_coco_eval"
 _C.TEST.COCO_EVAL_BACKEND = "pycocotools"
+
+# ---------------------------------------------------------------------------
+# Distributed (multi-process) runs; read by tools/*.py before the processes start
+# ---------------------------------------------------------------------------
+_C.DIST = CN()
+# Whole minutes a collective waits for the other ranks before failing (bounds a dead-peer hang)
+_C.DIST.TIMEOUT_MINUTES = 30
 
 # ---------------------------------------------------------------------------
 # Misc

@@ -1,9 +1,11 @@
 """Standard command line, set-up and trainer shared by tools/train_net.py and tools/test_net.py."""
 import argparse
+import inspect
 import logging
 import os
 import sys
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -25,13 +27,25 @@ from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXW
 from detector.utils.logger import setup_logger
 
 from . import hooks
+from .launch import LaunchError, check_launch_arguments, launch, launched_by_torchrun
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "DefaultTrainer"]
+__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "DefaultTrainer",
+           "launch_from_args", "per_process_batch_size", "expected_world_size"]
+
+
+# torch 2.13 renamed broadcast_buffers (which also skipped the initial sync) to
+# forward_sync_buffers (which keeps it)
+_DDP_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 def default_argument_parser(description: str = "detector training and evaluation"):
-    """detectron2's command line: --config-file, --resume, --eval-only, --num-gpus, KEY VALUE opts."""
+    """detectron2's command line: --config-file, --resume, --eval-only, --num-gpus,
+    --num-machines, --machine-rank, --dist-url and KEY VALUE overrides."""
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -87,13 +101,46 @@ def default_setup(cfg, args):
         torch.backends.cudnn.benchmark = True
 
 
-def per_process_batch_size(total: int) -> int:
-    world = comm.get_world_size()
-    if total % world != 0:
+def per_process_batch_size(total: int, world_size: Optional[int] = None) -> int:
+    """SOLVER.IMS_PER_BATCH split over ``world_size`` processes (default: the current group);
+    a one-line ValueError when it does not split evenly."""
+    world = comm.get_world_size() if world_size is None else int(world_size)
+    if total <= 0 or total % world != 0:
         raise ValueError(
-            f"SOLVER.IMS_PER_BATCH={total} is not divisible by the world size {world}"
+            f"SOLVER.IMS_PER_BATCH={total} is not divisible by the world size {world} "
+            f"(every process must get the same number of images)"
         )
     return total // world
+
+
+def expected_world_size(args) -> int:
+    """Processes the run will have, known before they start: torchrun's WORLD_SIZE, else
+    --num-gpus x --num-machines."""
+    if launched_by_torchrun():
+        return int(os.environ["WORLD_SIZE"])
+    return max(1, args.num_gpus) * max(1, args.num_machines)
+
+
+def launch_from_args(main_func, args, prog: str):
+    """Entry of the command-line tools: checks what can be checked before any process starts
+    (the config and overrides, the launch flags, SOLVER.IMS_PER_BATCH against the world size
+    unless --eval-only), then runs ``main_func(args)`` through :func:`launch` with the collective
+    timeout DIST.TIMEOUT_MINUTES. Bad input and failed processes end in ``SystemExit`` with one
+    line "<prog>: error: ..."."""
+    try:
+        cfg = setup_cfg(args)
+        launch_kwargs = dict(num_machines=args.num_machines, machine_rank=args.machine_rank,
+                             dist_url=args.dist_url, timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)
+        check_launch_arguments(args.num_gpus, **launch_kwargs)
+        if not getattr(args, "eval_only", False):
+            per_process_batch_size(cfg.SOLVER.IMS_PER_BATCH, expected_world_size(args))
+    except ValueError as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
+    try:
+        return launch(main_func, args.num_gpus, args=(args,), report_errors=True,
+                      **launch_kwargs)
+    except LaunchError as err:
+        raise SystemExit(f"{prog}: error: {err}") from None
 
 
 class DefaultTrainer(TrainerBase):
@@ -125,12 +172,16 @@ class DefaultTrainer(TrainerBase):
 
     @staticmethod
     def _wrap_ddp(model):
+        """DDP copies rank 0's parameters and buffers to every rank once; buffers (BN running
+        statistics) are not re-broadcast every forward (each rank keeps its own, SyncBN keeps
+        them equal). Gradients are averaged over ranks; the losses are normalised so that the
+        average equals the single-process gradient (see detector.modeling.losses)."""
         if comm.get_world_size() == 1:
             return model
+        kwargs = dict(_DDP_NO_FORWARD_BUFFER_SYNC)
         if model.device.type == "cuda":
-            return DistributedDataParallel(model, device_ids=[comm.get_local_rank()],
-                                           broadcast_buffers=False)
-        return DistributedDataParallel(model, broadcast_buffers=False)
+            kwargs["device_ids"] = [comm.get_local_rank()]
+        return DistributedDataParallel(model, **kwargs)
 
     @property
     def model(self):
@@ -235,6 +286,9 @@ class DefaultTrainer(TrainerBase):
     def test(cls, cfg, model, evaluators=None):
         """Evaluate ``model`` on every dataset in DATASETS.TEST; returns {dataset: results}."""
         logger = logging.getLogger("detector")
+        if isinstance(model, DistributedDataParallel):
+            # ranks run different numbers of images: no DDP forward logic (collectives) wanted
+            model = model.module
         results = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)

@@ -1,8 +1,19 @@
-from .build import NORM_REGISTRY, available_norms, get_norm
-from .norm import FrozenBatchNorm2d, convert_frozen_batchnorm
+from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_norm
+from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
+from .norm import (
+    EvoNormB0,
+    EvoNormS0,
+    FrozenBatchNorm2d,
+    SyncBatchNorm2d,
+    convert_frozen_batchnorm,
+    convert_sync_batchnorm,
+    has_batch_statistics,
+)
 from .shape_spec import ShapeSpec
 
 __all__ = [
-    "NORM_REGISTRY", "available_norms", "get_norm", "FrozenBatchNorm2d",
-    "convert_frozen_batchnorm", "ShapeSpec",
+    "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
+    "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
+    "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
+    "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics", "ShapeSpec",
 ]

@@ -1,26 +1,35 @@
 """Small helpers shared by backbones, necks and heads."""
-from functools import partial
-from typing import Callable, Optional
+from typing import Optional
 
-from torch import nn
+from detector.layers import NormSpec
 
-from detector.layers import NORM_REGISTRY, available_norms, get_norm
-
-__all__ = ["norm_factory", "permute_to_N_HWA_K"]
+__all__ = ["norm_factory", "norm_options_from_config", "permute_to_N_HWA_K"]
 
 
 def norm_factory(
     name: str, *, gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-    key: str = "norm",
-) -> Optional[Callable[[int], nn.Module]]:
-    """A ``channels -> norm layer`` callable for ``name`` (see detector.layers.get_norm), or None
-    when ``name`` means "no norm". Validates the name now so a bad ``key`` fails at build time."""
-    if name in ("", None, "none"):
-        return None
-    if name not in NORM_REGISTRY:
-        valid = ", ".join(available_norms())
-        raise ValueError(f"{key}: unknown norm '{name}'; valid names: {valid}")
-    return partial(get_norm, name, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps)
+    evonorm_groups: int = 32, evonorm_eps: float = 1e-5, key: str = "norm",
+) -> Optional[NormSpec]:
+    """A ``channels -> norm layer`` factory for ``name`` (a :class:`detector.layers.NormSpec`,
+    also accepted as ``norm`` by :class:`detector.layers.ConvNormAct`), or None when ``name``
+    means "no norm". Validates the name now, so a bad ``key`` fails at build time with a one-line
+    error listing the valid names."""
+    spec = NormSpec("" if name is None else name, gn_groups=gn_groups, bn_momentum=bn_momentum,
+                    bn_eps=bn_eps, evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
+                    key=key)
+    return None if spec.is_none else spec
+
+
+def norm_options_from_config(cfg) -> dict:
+    """The norm options shared by every part (``MODEL.GN``, ``MODEL.BN``, ``MODEL.EVONORM``), as
+    the keyword arguments backbone, neck and head constructors take."""
+    return {
+        "gn_groups": cfg.MODEL.GN.NUM_GROUPS,
+        "bn_momentum": cfg.MODEL.BN.MOMENTUM,
+        "bn_eps": cfg.MODEL.BN.EPS,
+        "evonorm_groups": cfg.MODEL.EVONORM.NUM_GROUPS,
+        "evonorm_eps": cfg.MODEL.EVONORM.EPS,
+    }
 
 
 def permute_to_N_HWA_K(tensor, num_values: int):

@@ -2,8 +2,18 @@
 
 Label convention per anchor: ``gt_labels`` in [0, num_classes) foreground class, ``num_classes``
 background, -1 ignored (IoU between the matcher's thresholds, or matched to a crowd box).
+
+Data-parallel training: DistributedDataParallel *averages* gradients over the W processes, each of
+which sees N/W of the N images of a step. For the result to equal one process seeing all N images:
+- "batch" normalisation divides the summed losses by the foreground-anchor count of the *whole*
+  step. Each process therefore divides its local sums by ``max(1, F_all) / W`` (``F_all`` summed
+  over processes, see ``num_foreground_all_ranks``); DDP's mean of the W gradients is then
+  ``grad(sum over all images) / max(1, F_all)``, exactly the single-process gradient.
+- "per_image" normalisation is a mean over images; with the same number of images per process
+  (enforced by SOLVER.IMS_PER_BATCH % W == 0) the mean over processes of the per-process means is
+  the mean over all images, so no cross-process term is needed.
 """
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +57,9 @@ def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, ancho
                      gt_labels: torch.Tensor, matched_gt_boxes: torch.Tensor, *, num_classes: int,
                      box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
                      bbox_reg_loss_type: str = "smooth_l1", smooth_l1_beta: float = 0.0,
-                     normalization: str = "batch") -> Dict[str, torch.Tensor]:
+                     normalization: str = "batch",
+                     num_foreground_all_ranks: Optional[float] = None,
+                     world_size: int = 1) -> Dict[str, torch.Tensor]:
     """Focal classification loss and box regression loss of a batch.
 
     Args:
@@ -58,11 +70,18 @@ def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, ancho
         normalization: "batch" divides batch sums by the batch's foreground count (at least 1);
             "per_image" (torchvision) divides each image's sums by its own foreground count (at
             least 1) and averages over images.
+        num_foreground_all_ranks, world_size: for "batch" normalisation under data parallelism,
+            the foreground-anchor count summed over all ``world_size`` processes; the local sums
+            are then divided by ``max(1, num_foreground_all_ranks) / world_size`` so that averaged
+            gradients equal the single-process ones (module docstring). None: this batch's own
+            count (single process). Ignored by "per_image".
     Returns: ``{"loss_cls", "loss_box_reg"}`` scalar tensors.
     """
     if normalization not in LOSS_NORMALIZATIONS:
         raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{normalization}' is not one of "
                          f"{LOSS_NORMALIZATIONS}")
+    if world_size < 1:
+        raise ValueError(f"retinanet_losses: world_size must be >= 1, got {world_size}")
     cls_sums, box_sums, num_fg = [], [], []
     for logits_i, deltas_i, labels_i, boxes_i in zip(pred_logits, pred_deltas, gt_labels,
                                                      matched_gt_boxes):
@@ -75,7 +94,10 @@ def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, ancho
         num_fg.append(int(fg.sum()))
     cls_sums, box_sums = torch.stack(cls_sums), torch.stack(box_sums)
     if normalization == "batch":
-        normalizer = max(1, sum(num_fg))
+        if num_foreground_all_ranks is None:
+            normalizer = max(1, sum(num_fg))
+        else:
+            normalizer = max(1.0, float(num_foreground_all_ranks)) / world_size
         return {"loss_cls": cls_sums.sum() / normalizer,
                 "loss_box_reg": box_sums.sum() / normalizer}
     per_image = torch.tensor([max(1, n) for n in num_fg], dtype=cls_sums.dtype,

@@ -1,10 +1,13 @@
 """RetinaNet head: a classification and a box subnet, shared across pyramid levels."""
 import math
-from typing import List, Tuple
+from functools import partial
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
-from torchvision.ops.misc import Conv2dNormActivation
+from torch.nn.utils import parametrize
+
+from detector.layers import ConvNormAct, has_batch_statistics
 
 from .common import norm_factory
 
@@ -19,46 +22,84 @@ class RetinaNetHead(nn.Module):
         num_anchors: anchors per location A.
         num_classes: foreground classes K.
         num_convs: convs per subnet before the predictor.
-        norm: norm of the subnet convs ("" none, "GN", ...). Norm layers are shared across
-            levels like the convs.
+        norm: norm of the subnet convs (see :func:`detector.layers.available_norms`). The convs
+            are shared across levels. Norms with batch statistics (BN, SyncBN, FrozenBN,
+            EvoNormB0) are kept per level, as EfficientDet does, because feature statistics differ
+            between levels: ``cls_norms[level][conv]`` / ``bbox_norms[level][conv]``. Per-sample
+            norms (GN, EvoNormS0) are shared like the convs, as in the RetinaNet/GN papers
+            (``cls_subnet[conv][1]``). "SN" spectral-normalizes the subnet convs (not the
+            predictors). EvoNorm layers include the activation, so the ReLU is dropped.
         prior_prob: initial foreground probability of every class (sets the classifier bias).
+        num_levels: number of pyramid levels fed to ``forward``; required by per-level norms.
+        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
 
     ``forward(features)`` returns raw per-level lists ``pred_logits`` (N, A*K, H, W) and
     ``pred_anchor_deltas`` (N, A*4, H, W).
     """
 
     def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 norm: str = "", prior_prob: float = 0.01, gn_groups: int = 32,
-                 bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+                 norm: str = "", prior_prob: float = 0.01, num_levels: Optional[int] = None,
+                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
+                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"MODEL.RETINANET.NUM_CLASSES={num_classes} must be positive")
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"MODEL.RETINANET.PRIOR_PROB={prior_prob} must be in (0, 1)")
-        make_norm = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum,
-                                 bn_eps=bn_eps, key="MODEL.RETINANET.NORM")
+        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
+                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
+                            key="MODEL.RETINANET.NORM")
+        probe = spec.layer(in_channels, activation=True) if spec is not None else None
+        self.norm_per_level = probe is not None and has_batch_statistics(probe)
+        if self.norm_per_level and (num_levels is None or num_levels <= 0):
+            raise ValueError(f"MODEL.RETINANET.NORM='{norm}' keeps statistics per pyramid level: "
+                             f"RetinaNetHead needs num_levels (got {num_levels})")
+        self.num_levels = num_levels
         self.num_classes = num_classes
         self.num_anchors = num_anchors
-        self.cls_subnet = nn.Sequential(*[
-            Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=make_norm)
-            for _ in range(num_convs)])
-        self.bbox_subnet = nn.Sequential(*[
-            Conv2dNormActivation(in_channels, in_channels, kernel_size=3, norm_layer=make_norm)
-            for _ in range(num_convs)])
+
+        conv = partial(ConvNormAct, in_channels, in_channels, 3, norm=spec,
+                       weight_init=partial(nn.init.normal_, std=0.01),
+                       build_norm=not self.norm_per_level)
+        self.cls_subnet = nn.ModuleList([conv() for _ in range(num_convs)])
+        self.bbox_subnet = nn.ModuleList([conv() for _ in range(num_convs)])
+        if self.norm_per_level:
+            self.cls_norms = self._norms_per_level(self.cls_subnet, num_levels)
+            self.bbox_norms = self._norms_per_level(self.bbox_subnet, num_levels)
+        else:
+            self.cls_norms = self.bbox_norms = None
         self.cls_score = nn.Conv2d(in_channels, num_anchors * num_classes, kernel_size=3, padding=1)
         self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=3, padding=1)
-
-        for module in [self.cls_subnet, self.bbox_subnet, self.cls_score, self.bbox_pred]:
-            for layer in module.modules():
-                if isinstance(layer, nn.Conv2d):
-                    nn.init.normal_(layer.weight, std=0.01)
-                    if layer.bias is not None:
-                        nn.init.zeros_(layer.bias)
+        for layer in (self.cls_score, self.bbox_pred):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
         # every class starts at probability prior_prob, so background dominates the early loss less
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
+    @staticmethod
+    def _norms_per_level(subnet: nn.ModuleList, num_levels: int) -> nn.ModuleList:
+        return nn.ModuleList([
+            nn.ModuleList([block.make_norm() for block in subnet]) for _ in range(num_levels)])
+
+    @staticmethod
+    def _run_subnet(x: torch.Tensor, subnet: nn.ModuleList,
+                    norms: Optional[nn.ModuleList]) -> torch.Tensor:
+        for i, block in enumerate(subnet):
+            x = block(x) if norms is None else block(x, norms[i])
+        return x
+
     def forward(self, features: List[torch.Tensor]
                 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-        pred_logits = [self.cls_score(self.cls_subnet(x)) for x in features]
-        pred_anchor_deltas = [self.bbox_pred(self.bbox_subnet(x)) for x in features]
+        if self.norm_per_level and len(features) != self.num_levels:
+            raise ValueError(f"RetinaNetHead has per-level norms for {self.num_levels} levels "
+                             f"(MODEL.RETINANET.NORM), got {len(features)} feature maps")
+        pred_logits, pred_anchor_deltas = [], []
+        # spectral-normalized weights are computed once per forward, not once per level
+        with parametrize.cached():
+            for level, x in enumerate(features):
+                cls_norms = self.cls_norms[level] if self.norm_per_level else None
+                bbox_norms = self.bbox_norms[level] if self.norm_per_level else None
+                pred_logits.append(self.cls_score(self._run_subnet(x, self.cls_subnet, cls_norms)))
+                pred_anchor_deltas.append(
+                    self.bbox_pred(self._run_subnet(x, self.bbox_subnet, bbox_norms)))
         return pred_logits, pred_anchor_deltas

@@ -4,7 +4,7 @@ import torch.distributed as dist
 
 __all__ = [
     "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-    "all_gather", "gather", "reduce_dict",
+    "all_gather", "gather", "reduce_dict", "all_reduce_sum",
 ]
 
 _LOCAL_RANK = 0
@@ -70,3 +70,14 @@ def reduce_dict(values: dict, average: bool = True) -> dict:
         if average:
             stacked /= world
         return {k: v for k, v in zip(names, stacked)}
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor holding ``tensor`` summed over all ranks (the input is left untouched; no
+    gradient flows through). With NCCL the tensor must be on this rank's GPU."""
+    if get_world_size() == 1:
+        return tensor.detach().clone()
+    with torch.no_grad():
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total

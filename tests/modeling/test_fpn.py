@@ -78,5 +78,5 @@ def test_build_from_config_with_norm_and_init():
     assert isinstance(fpn.lateral_convs["p3"][1], torch.nn.GroupNorm)
     assert fpn.lateral_convs["p3"][0].bias is None  # the norm provides the bias
     assert torch.count_nonzero(fpn.top_block["p6"].bias) == 0
-    with pytest.raises(KeyError, match="MODEL.NECK.NAME='BiFPN'"):
-        build_neck(tiny_cfg(**{"MODEL.NECK.NAME": "BiFPN"}), shapes)
+    with pytest.raises(KeyError, match="MODEL.NECK.NAME='NoSuchNeck'"):
+        build_neck(tiny_cfg(**{"MODEL.NECK.NAME": "NoSuchNeck"}), shapes)

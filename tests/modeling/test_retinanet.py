@@ -27,7 +27,8 @@ def test_train_step_reduces_loss_on_a_fixed_batch(single_thread):
     model = _model()
     model.train()
     batch = make_batch(2, (64, 64))
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05,
+    # lr 0.05 diverged near step 20 for some init seeds (e.g. seed 3); 0.03 falls steadily for all
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.03,
                                 momentum=0.9)
     totals, cls_losses = [], []
     for _ in range(20):

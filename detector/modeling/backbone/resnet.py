@@ -1,52 +1,136 @@
-"""ResNet-18/34/50/101 backbone assembled from torchvision's ResNet modules.
+"""ResNet-18/34/50/101 backbone (torchvision's architecture, v1.5: stride on the 3x3 conv).
 
-Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``), so a torchvision
-ImageNet checkpoint loads after prefixing ``backbone.`` and dropping ``fc``.
+Parameter names are torchvision's (``conv1``, ``bn1``, ``layer1``..``layer4``, ``downsample.0/1``),
+so a torchvision ImageNet checkpoint loads after prefixing ``backbone.`` and dropping ``fc``.
+The blocks are built with :func:`detector.layers.conv_norm_act`, so every norm option applies:
+with EvoNorm the norm-activation layers replace norm + ReLU (the ReLU after the residual sum
+stays), with "SN" every conv is spectral-normalized and ``bn*`` are identities.
 """
-import logging
-from typing import Dict, List
+from functools import partial
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv_resnet
+from torch.nn.utils import parametrize
 
-from detector.layers import convert_frozen_batchnorm
+from detector.layers import NormSpec, conv_norm_act, convert_frozen_batchnorm
 
-from ..common import norm_factory
+from ..common import norm_factory, norm_options_from_config
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
 
-__all__ = ["ResNetBackbone", "ResNet"]
+__all__ = ["ResNetBackbone", "ResNet", "BasicBlock", "Bottleneck", "freeze_module"]
 
-logger = logging.getLogger(__name__)
+# torchvision's init of every conv (norm layers keep weight 1, bias 0)
+kaiming_fan_out_ = partial(nn.init.kaiming_normal_, mode="fan_out", nonlinearity="relu")
 
-_DEPTHS = {18: tv_resnet.resnet18, 34: tv_resnet.resnet34, 50: tv_resnet.resnet50,
-           101: tv_resnet.resnet101}
+
+def _parts(in_channels, out_channels, kernel_size, stride, norm, activation=True):
+    """(conv, norm or Identity, activation or Identity) of one conv block of a ResNet."""
+    conv, norm_layer, act = conv_norm_act(
+        in_channels, out_channels, kernel_size, stride=stride, norm=norm,
+        activation=partial(nn.ReLU, inplace=True) if activation else None,
+        weight_init=kaiming_fan_out_)
+    return conv, norm_layer or nn.Identity(), act or nn.Identity()
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-norm(-ReLU) with a residual, then ReLU (ResNet-18/34, TinyNet)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels: int, channels: int, *, stride: int = 1, norm: NormSpec,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = _parts(in_channels, channels, 3, stride, norm)
+        self.conv2, self.bn2, _ = _parts(channels, channels, 3, 1, norm, activation=False)
+        self.downsample = downsample
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (strided), 1x1 expand (x4) with a residual, then ReLU (ResNet-50/101)."""
+
+    expansion = 4
+
+    def __init__(self, in_channels: int, channels: int, *, stride: int = 1, norm: NormSpec,
+                 downsample: Optional[nn.Module] = None):
+        super().__init__()
+        self.conv1, self.bn1, self.act1 = _parts(in_channels, channels, 1, 1, norm)
+        self.conv2, self.bn2, self.act2 = _parts(channels, channels, 3, stride, norm)
+        self.conv3, self.bn3, _ = _parts(channels, channels * 4, 1, 1, norm, activation=False)
+        self.downsample = downsample
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.act1(self.bn1(self.conv1(x)))
+        out = self.act2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def downsample_block(in_channels: int, out_channels: int, stride: int,
+                     norm: NormSpec) -> nn.Sequential:
+    """The shortcut projection: 1x1 strided conv + norm as ``Sequential`` (keys ``0``, ``1``)."""
+    conv, norm_layer, _ = conv_norm_act(in_channels, out_channels, 1, stride=stride, norm=norm,
+                                        activation=None, weight_init=kaiming_fan_out_)
+    return nn.Sequential(conv, norm_layer) if norm_layer is not None else nn.Sequential(conv)
+
+
+def make_stage(block, in_channels: int, channels: int, num_blocks: int, stride: int,
+               norm: NormSpec) -> nn.Sequential:
+    """``num_blocks`` blocks; the first one strides and projects the shortcut when needed."""
+    out_channels = channels * block.expansion
+    downsample = None
+    if stride != 1 or in_channels != out_channels:
+        downsample = downsample_block(in_channels, out_channels, stride, norm)
+    blocks = [block(in_channels, channels, stride=stride, norm=norm, downsample=downsample)]
+    blocks += [block(out_channels, channels, norm=norm) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*blocks)
+
+
+def freeze_module(module: nn.Module) -> nn.Module:
+    """Stop gradients to ``module``; its BatchNorms become FrozenBatchNorm2d, its EvoNormB0
+    layers use their running variance and its spectral norms stop their power iteration, so the
+    module's function stops changing in training mode too."""
+    for p in module.parameters():
+        p.requires_grad_(False)
+    for m in module.modules():
+        if parametrize.is_parametrized(m, "weight"):
+            for parametrization in m.parametrizations.weight:
+                if hasattr(parametrization, "n_power_iterations"):
+                    parametrization.n_power_iterations = 0
+    return convert_frozen_batchnorm(module)
+
+
+_DEPTHS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
+           50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
 # stage name per output level: c2 = layer1 (stride 4) ... c5 = layer4 (stride 32)
 _STAGE_OF_LEVEL = {2: "layer1", 3: "layer2", 4: "layer3", 5: "layer4"}
 
 
-def freeze_module(module: nn.Module, convert_bn: bool) -> nn.Module:
-    """Stop gradients to ``module``; with ``convert_bn`` its BatchNorms also stop updating
-    statistics."""
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return convert_frozen_batchnorm(module) if convert_bn else module
-
-
 class ResNetBackbone(Backbone):
-    """torchvision ResNet trunk (no avgpool/fc) returning ``c2``..``c5``.
+    """ResNet trunk (no avgpool/fc) returning ``c2``..``c5``.
 
     Args:
         depth: 18, 34, 50 or 101.
-        norm: norm name for every conv ("FrozenBN", "BN", "GN" or "" for none).
+        norm: norm name for every conv (see :func:`detector.layers.available_norms`).
         out_features: subset of ``c2``..``c5`` to return; stages above the highest are not built.
         freeze_at: 0 trains everything, 1 freezes the stem, k freezes the stem and ``c2``..``c<k>``.
+        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
     """
 
     def __init__(self, *, depth: int = 50, norm: str = "FrozenBN",
                  out_features: List[str] = ("c3", "c4", "c5"), freeze_at: int = 0,
-                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
+                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; choose from "
@@ -54,31 +138,33 @@ class ResNetBackbone(Backbone):
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in [0, 5]")
         self.out_features = check_out_features(out_features, ["c2", "c3", "c4", "c5"])
-        make_norm = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum,
-                                 bn_eps=bn_eps, key="MODEL.BACKBONE.NORM")
-        if make_norm is None:
-            logger.warning("ResNet built without norm layers; its convs have no bias")
-            make_norm = _identity_norm
-        net = _DEPTHS[depth](weights=None, norm_layer=make_norm)
+        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
+                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
+                            key="MODEL.BACKBONE.NORM") or NormSpec("")
+        block, num_blocks = _DEPTHS[depth]
 
-        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.conv1, self.bn1, self.relu = _parts(3, 64, 7, 2, spec)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         top_level = int(self.out_features[-1][1:])
         self.stage_names = [_STAGE_OF_LEVEL[k] for k in range(2, top_level + 1)]
-        expansion = 4 if depth >= 50 else 1
-        for level, name in zip(range(2, top_level + 1), self.stage_names):
-            self.add_module(name, getattr(net, name))
-            self._out_feature_channels[f"c{level}"] = 64 * 2 ** (level - 2) * expansion
+        in_channels = 64
+        for i, (level, name) in enumerate(zip(range(2, top_level + 1), self.stage_names)):
+            channels = 64 * 2 ** i
+            self.add_module(name, make_stage(block, in_channels, channels, num_blocks[i],
+                                             stride=1 if i == 0 else 2, norm=spec))
+            in_channels = channels * block.expansion
+            self._out_feature_channels[f"c{level}"] = in_channels
             self._out_feature_strides[f"c{level}"] = 2 ** level
-        self._freeze(freeze_at, convert_bn=norm == "BN")
+        self._freeze(freeze_at)
 
-    def _freeze(self, freeze_at: int, convert_bn: bool) -> None:
+    def _freeze(self, freeze_at: int) -> None:
         if freeze_at >= 1:
-            freeze_module(self.conv1, convert_bn)
-            self.bn1 = freeze_module(self.bn1, convert_bn)
+            self.conv1 = freeze_module(self.conv1)
+            self.bn1 = freeze_module(self.bn1)
         for level in range(2, freeze_at + 1):
             name = _STAGE_OF_LEVEL[level]
             if name in self.stage_names:
-                setattr(self, name, freeze_module(getattr(self, name), convert_bn))
+                setattr(self, name, freeze_module(getattr(self, name)))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -96,14 +182,8 @@ class ResNetBackbone(Backbone):
             "norm": cfg.MODEL.BACKBONE.NORM,
             "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
-            "gn_groups": cfg.MODEL.GN.NUM_GROUPS,
-            "bn_momentum": cfg.MODEL.BN.MOMENTUM,
-            "bn_eps": cfg.MODEL.BN.EPS,
+            **norm_options_from_config(cfg),
         }
-
-
-def _identity_norm(channels: int) -> nn.Module:
-    return nn.Identity()
 
 
 @BACKBONE_REGISTRY.register()

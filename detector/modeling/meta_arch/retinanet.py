@@ -1,10 +1,16 @@
-"""RetinaNet (Lin et al. 2017): backbone + neck + shared head over a feature pyramid, focal loss."""
-from typing import List, Sequence
+"""RetinaNet (Lin et al. 2017): backbone + neck + shared head over a feature pyramid, focal loss.
+
+Under data-parallel training the "batch" loss normaliser (foreground anchors) is summed over all
+processes, so W processes with N/W images each compute the same update as one process with N
+images (see :mod:`detector.modeling.losses`).
+"""
+from typing import List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from detector.structures import Boxes, ImageList, Instances, pairwise_iou
+from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
 from ..backbone import Backbone, build_backbone
@@ -99,7 +105,8 @@ class RetinaNet(nn.Module):
             in_channels=channels.pop(), num_anchors=anchor_generator.num_anchors_per_location,
             num_classes=r.NUM_CLASSES, num_convs=r.NUM_CONVS, norm=r.NORM, prior_prob=r.PRIOR_PROB,
             gn_groups=cfg.MODEL.GN.NUM_GROUPS, bn_momentum=cfg.MODEL.BN.MOMENTUM,
-            bn_eps=cfg.MODEL.BN.EPS)
+            bn_eps=cfg.MODEL.BN.EPS, num_levels=anchor_generator.num_levels,
+            evonorm_groups=cfg.MODEL.EVONORM.NUM_GROUPS, evonorm_eps=cfg.MODEL.EVONORM.EPS)
         return {
             "backbone": backbone,
             "neck": neck,
@@ -161,7 +168,9 @@ class RetinaNet(nn.Module):
                 gt_labels, matched_gt_boxes, num_classes=self.num_classes, box_coder=self.box_coder,
                 focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
                 bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
-                normalization=self.loss_normalization)
+                normalization=self.loss_normalization,
+                num_foreground_all_ranks=self._num_foreground_all_ranks(gt_labels),
+                world_size=comm.get_world_size())
 
         results = []
         for i, image_size in enumerate(images.image_sizes):
@@ -174,6 +183,16 @@ class RetinaNet(nn.Module):
             width = batched_inputs[i].get("width", image_size[1])
             results.append({"instances": rescale_detections(detections, height, width)})
         return results
+
+    @torch.no_grad()
+    def _num_foreground_all_ranks(self, gt_labels: torch.Tensor) -> Optional[float]:
+        """Foreground anchors of the step summed over all processes, for "batch" normalisation;
+        None in a single process (the loss counts its own batch). This is a collective: under
+        torch.distributed every rank must run its training forward, as DDP training does."""
+        if self.loss_normalization != "batch" or comm.get_world_size() == 1:
+            return None
+        num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
+        return float(comm.all_reduce_sum(num_foreground.float()))
 
     def _gt_instances(self, batched_inputs: List[dict]) -> List[Instances]:
         gt_instances = []

@@ -4,17 +4,20 @@ Levels ``min_level``..5 come from the backbone's ``c<k>`` through a 1x1 lateral 
 path (nearest upsampling to the lateral's size, then add) and a 3x3 output conv. Levels above 5 come
 from the top block: P6 is a 3x3 stride-2 conv on ``p5`` (torchvision v1) or ``c5`` (paper,
 detectron2), each further level is ReLU then a 3x3 stride-2 conv on the previous one.
+
+The lateral and output convs take the neck's norm through :class:`detector.layers.ConvNormAct`
+(no activation follows them, so EvoNorm is used without its nonlinearity); the top block has none.
 """
+from functools import partial
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops.misc import Conv2dNormActivation
 
-from detector.layers import ShapeSpec
+from detector.layers import ConvNormAct, ShapeSpec
 
-from ..common import norm_factory
+from ..common import norm_factory, norm_options_from_config
 from .build import NECK_REGISTRY
 
 __all__ = ["FeaturePyramidNetwork", "FPN"]
@@ -28,11 +31,13 @@ class FeaturePyramidNetwork(nn.Module):
         min_level, max_level: output levels ``p<min_level>``..``p<max_level>``.
         top_block_in: "p5" or "c5", the input of P6.
         norm: norm of the lateral and output convs ("" for none); the top block has none.
+        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
     """
 
     def __init__(self, *, input_shape: Dict[str, ShapeSpec], out_channels: int = 256,
                  min_level: int = 3, max_level: int = 7, top_block_in: str = "p5", norm: str = "",
-                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5):
+                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
+                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
         super().__init__()
         if not 1 <= min_level <= 5 or max_level < min_level:
             raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: need "
@@ -59,29 +64,23 @@ class FeaturePyramidNetwork(nn.Module):
         self.top_block_in = top_block_in
         self.out_channels = out_channels
 
-        make_norm = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum,
-                                 bn_eps=bn_eps, key="MODEL.NECK.NORM")
+        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
+                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
+                            key="MODEL.NECK.NORM")
+        conv = partial(ConvNormAct, norm=spec, activation=None, weight_init=_init_weight_)
         self.lateral_convs = nn.ModuleDict()
         self.output_convs = nn.ModuleDict()
         for k in backbone_levels:
-            self.lateral_convs[f"p{k}"] = Conv2dNormActivation(
-                input_shape[f"c{k}"].channels, out_channels, kernel_size=1, padding=0,
-                norm_layer=make_norm, activation_layer=None)
-            self.output_convs[f"p{k}"] = Conv2dNormActivation(
-                out_channels, out_channels, kernel_size=3, norm_layer=make_norm,
-                activation_layer=None)
+            self.lateral_convs[f"p{k}"] = conv(input_shape[f"c{k}"].channels, out_channels, 1)
+            self.output_convs[f"p{k}"] = conv(out_channels, out_channels, 3)
         self.top_block = nn.ModuleDict()
         for k in range(6, max_level + 1):
             from_c5 = k == 6 and top_block_in == "c5"
             in_ch = input_shape["c5"].channels if from_c5 else out_channels
             self.top_block[f"p{k}"] = nn.Conv2d(in_ch, out_channels, kernel_size=3, stride=2,
                                                 padding=1)
-
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
+            _init_weight_(self.top_block[f"p{k}"].weight)
+            nn.init.zeros_(self.top_block[f"p{k}"].bias)
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {f"p{k}": ShapeSpec(channels=self.out_channels, stride=2 ** k)
@@ -115,10 +114,12 @@ class FeaturePyramidNetwork(nn.Module):
             "max_level": cfg.MODEL.NECK.MAX_LEVEL,
             "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN,
             "norm": cfg.MODEL.NECK.NORM,
-            "gn_groups": cfg.MODEL.GN.NUM_GROUPS,
-            "bn_momentum": cfg.MODEL.BN.MOMENTUM,
-            "bn_eps": cfg.MODEL.BN.EPS,
+            **norm_options_from_config(cfg),
         }
+
+
+def _init_weight_(weight: torch.Tensor) -> None:
+    nn.init.kaiming_uniform_(weight, a=1)
 
 
 @NECK_REGISTRY.register()
