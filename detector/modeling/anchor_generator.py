@@ -3,6 +3,11 @@
 Per location the anchors are ordered ratio-major (all sizes x scales of the first ratio, then the
 next ratio), which is torchvision's ``AnchorGenerator`` order, so head outputs reshaped to
 (H, W, A) line up with these anchors. Locations are row-major over the feature map.
+
+effdet style (``aspect_multipliers`` given, ``scale_major=True``, ``offset=0.5``): an anchor is
+``size * scale * (mw, mh)`` for effdet's (width, height) multipliers such as (1.4, 0.7), ordered
+scale-major (all aspects of the first octave scale, then the next), computed in float64 and cast
+to float32 like effdet's numpy code, so they equal ``effdet.anchors.Anchors`` (in XYXY order).
 """
 from collections import OrderedDict
 from typing import Dict, List, Sequence
@@ -39,6 +44,9 @@ class AnchorGenerator(nn.Module):
         strides: stride of each level in pixels.
         offset: anchor centres at ``(i + offset) * stride`` (0.0 torchvision/detectron2, 0.5 keras).
         round_base_anchors: round the zero-centred base anchors to integers (torchvision).
+        aspect_multipliers: optional (width, height) multipliers replacing ``ratios`` (effdet's
+            ``aspect_ratios``); anchors are then computed in float64.
+        scale_major: order anchors per location scale-major (effdet) instead of ratio-major.
 
     ``forward(features)`` takes the per-level feature maps (only their H, W are used) and returns
     per-level (H * W * A, 4) float32 XYXY tensors.
@@ -48,9 +56,16 @@ class AnchorGenerator(nn.Module):
 
     def __init__(self, *, sizes: Sequence[Sequence[float]], scales: Sequence[float],
                  ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0,
-                 round_base_anchors: bool = False):
+                 round_base_anchors: bool = False,
+                 aspect_multipliers: Sequence[Sequence[float]] = (), scale_major: bool = False):
         super().__init__()
         sizes = normalize_sizes_per_level(sizes, len(strides))
+        aspect_multipliers = [tuple(float(v) for v in m) for m in aspect_multipliers]
+        if aspect_multipliers:
+            if any(len(m) != 2 or min(m) <= 0 for m in aspect_multipliers):
+                raise ValueError(f"Anchor aspect multipliers {aspect_multipliers} must be "
+                                 "positive (width, height) pairs")
+            ratios = [h / w for w, h in aspect_multipliers]
         if not scales or min(scales) <= 0 or not ratios or min(ratios) <= 0:
             raise ValueError(f"Anchor scales {list(scales)} and ratios {list(ratios)} must be "
                              "non-empty and positive")
@@ -62,6 +77,10 @@ class AnchorGenerator(nn.Module):
         self.strides = [int(s) for s in strides]
         self.offset = float(offset)
         self.round_base_anchors = bool(round_base_anchors)
+        self.aspect_multipliers = aspect_multipliers
+        self.scale_major = bool(scale_major)
+        # effdet-style anchors are exact float64 values rounded once to float32
+        self._float64 = bool(aspect_multipliers)
         for i, level_sizes in enumerate(sizes):
             self.register_buffer(f"base_anchors_{i}", self.make_base_anchors(level_sizes),
                                  persistent=False)
@@ -77,12 +96,28 @@ class AnchorGenerator(nn.Module):
 
     def make_base_anchors(self, level_sizes: Sequence[float]) -> torch.Tensor:
         """(A, 4) anchors centred on (0, 0), ratio-major. Computed in float32 with torchvision's
-        operation order so rounded anchors match it exactly."""
+        operation order so rounded anchors match it exactly (float64 and effdet's order when
+        ``aspect_multipliers`` are given)."""
+        if self.aspect_multipliers:
+            side = torch.tensor([s * c for s in level_sizes for c in self.scales],
+                                dtype=torch.float64)
+            mults = torch.tensor(self.aspect_multipliers, dtype=torch.float64)
+            # (A_side, A_aspect) or (A_aspect, A_side) half sizes
+            half_w = side[:, None] * mults[None, :, 0] / 2.0
+            half_h = side[:, None] * mults[None, :, 1] / 2.0
+            if not self.scale_major:
+                half_w, half_h = half_w.t(), half_h.t()
+            half_w, half_h = half_w.reshape(-1), half_h.reshape(-1)
+            base = torch.stack([-half_w, -half_h, half_w, half_h], dim=1)
+            return base.round() if self.round_base_anchors else base
         side = torch.tensor([s * c for s in level_sizes for c in self.scales], dtype=torch.float32)
         h_ratios = torch.sqrt(torch.tensor(self.ratios, dtype=torch.float32))
         w_ratios = 1 / h_ratios
-        ws = (w_ratios[:, None] * side[None, :]).reshape(-1)
-        hs = (h_ratios[:, None] * side[None, :]).reshape(-1)
+        ws = w_ratios[:, None] * side[None, :]
+        hs = h_ratios[:, None] * side[None, :]
+        if self.scale_major:
+            ws, hs = ws.t(), hs.t()
+        ws, hs = ws.reshape(-1), hs.reshape(-1)
         base = torch.stack([-ws, -hs, ws, hs], dim=1) / 2
         return base.round() if self.round_base_anchors else base
 
@@ -97,7 +132,12 @@ class AnchorGenerator(nn.Module):
             self._grid_cache.move_to_end(key)
             return cached
         stride = self.strides[level_index]
-        if self.offset == 0.0:  # integer shifts, exactly as torchvision
+        if self._float64:
+            shifts_x = (torch.arange(width, dtype=torch.float64, device=base.device)
+                        + self.offset) * stride
+            shifts_y = (torch.arange(height, dtype=torch.float64, device=base.device)
+                        + self.offset) * stride
+        elif self.offset == 0.0:  # integer shifts, exactly as torchvision
             shifts_x = torch.arange(width, dtype=torch.int32, device=base.device) * stride
             shifts_y = torch.arange(height, dtype=torch.int32, device=base.device) * stride
         else:
@@ -108,7 +148,7 @@ class AnchorGenerator(nn.Module):
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
-        anchors = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4)
+        anchors = (shifts.view(-1, 1, 4) + base.view(1, -1, 4)).reshape(-1, 4).float()
         self._grid_cache[key] = anchors
         if len(self._grid_cache) > self._MAX_CACHED_GRIDS:
             self._grid_cache.popitem(last=False)

@@ -1,0 +1,144 @@
+"""EfficientNet-B0..B7 backbone from timm (``features_only``), returning ``c2``..``c5``.
+
+Padding "same" builds timm's ``tf_efficientnet_b<k>`` (TensorFlow SAME padding, what the original
+EfficientDet weights need); "symmetric" builds ``efficientnet_b<k>`` (PyTorch padding, faster).
+Both have the same parameters, so weights move between them. Parameter names are timm's under
+``body.``, e.g. ``body.conv_stem.weight``, ``body.blocks.2.0.conv_pw.weight``.
+"""
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+
+from ..efficientdet_scaling import scaled_value
+from ..same_padding import check_padding_mode
+from .base import Backbone, check_out_features
+from .build import BACKBONE_REGISTRY
+
+__all__ = ["EfficientNetBackbone", "EfficientNet", "EFFICIENTNET_VARIANTS"]
+
+EFFICIENTNET_VARIANTS = tuple(f"b{k}" for k in range(8))
+# timm feature index of each level: index i has stride 2**(i+1)
+_FEATURE_INDEX = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}
+BACKBONE_NORMS = ("BN", "FrozenBN", "SyncBN")
+
+
+def freeze_batch_norm_act(module: nn.Module) -> nn.Module:
+    """``module`` with every timm ``BatchNormAct2d`` / ``SyncBatchNormAct`` replaced by a
+    ``FrozenBatchNormAct2d`` holding the same statistics, affine parameters, eps and activation
+    (timm's own helper drops eps)."""
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+
+    if isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
+        frozen = FrozenBatchNormAct2d(module.num_features, eps=module.eps)
+        with torch.no_grad():
+            frozen.weight.copy_(module.weight)
+            frozen.bias.copy_(module.bias)
+            frozen.running_mean.copy_(module.running_mean)
+            frozen.running_var.copy_(module.running_var)
+        frozen.act, frozen.drop = module.act, module.drop
+        return frozen
+    for name, child in module.named_children():
+        new_child = freeze_batch_norm_act(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+class EfficientNetBackbone(Backbone):
+    """Args:
+        variant: "b0".."b7".
+        padding_mode: "same" (TF variant) or "symmetric".
+        out_features: subset of ``c1``..``c5``.
+        drop_path_rate: stochastic depth (drop connect) rate of the MBConv blocks, linearly
+            increasing with depth as in timm.
+        norm: "BN", "SyncBN" or "FrozenBN" (statistics and affine parameters fixed).
+        freeze_at: 0 trains everything, 1 freezes the stem, k > 1 also the blocks up to ``c<k>``.
+        bn_momentum, bn_eps: BatchNorm hyper-parameters (EfficientDet: 0.01 and 1e-3).
+    """
+
+    def __init__(self, *, variant: str = "b0", padding_mode: str = "same",
+                 out_features: Sequence[str] = ("c3", "c4", "c5"), drop_path_rate: float = 0.2,
+                 norm: str = "BN", freeze_at: int = 0, bn_momentum: float = 0.01,
+                 bn_eps: float = 1e-3, in_channels: int = 3):
+        super().__init__()
+        import timm
+
+        if variant not in EFFICIENTNET_VARIANTS:
+            raise ValueError(f"MODEL.EFFICIENTNET.VARIANT='{variant}' is not one of "
+                             f"{EFFICIENTNET_VARIANTS}")
+        check_padding_mode(padding_mode)
+        if norm not in BACKBONE_NORMS:
+            raise ValueError(f"MODEL.BACKBONE.NORM='{norm}' is not supported by the EfficientNet "
+                             f"backbone; choose from {BACKBONE_NORMS}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"MODEL.EFFICIENTNET.DROP_PATH_RATE={drop_path_rate} must be in "
+                             "[0, 1)")
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in [0, 5]")
+        self.out_features = check_out_features(out_features, [f"c{k}" for k in range(1, 6)])
+        self.variant, self.padding_mode = variant, padding_mode
+        levels = [int(f[1:]) for f in self.out_features]
+        name = ("tf_" if padding_mode == "same" else "") + f"efficientnet_{variant}"
+        self.body = timm.create_model(
+            name, pretrained=False, features_only=True, in_chans=in_channels,
+            out_indices=tuple(_FEATURE_INDEX[k] for k in levels), drop_path_rate=drop_path_rate,
+            bn_momentum=bn_momentum, bn_eps=bn_eps,
+            pad_type="same" if padding_mode == "same" else "")
+        for level, info in zip(levels, self.body.feature_info.get_dicts()):
+            if info["reduction"] != 2 ** level:
+                raise RuntimeError(f"timm {name} feature {info} does not have stride {2 ** level}")
+            self._out_feature_channels[f"c{level}"] = int(info["num_chs"])
+            self._out_feature_strides[f"c{level}"] = 2 ** level
+        if norm == "SyncBN":
+            from timm.layers import convert_sync_batchnorm
+
+            self.body = convert_sync_batchnorm(self.body)
+        self._freeze(freeze_at, all_frozen_bn=norm == "FrozenBN")
+
+    def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
+        frozen: List[nn.Module] = []
+        if freeze_at >= 1:
+            frozen += [self.body.conv_stem, self.body.bn1]
+        if freeze_at >= 2:
+            # last block of each level in timm's B-series: c1 blocks.0, c2 .1, c3 .2, c4 .4, c5 .6
+            last_block = {2: 1, 3: 2, 4: 4, 5: 6}[freeze_at]
+            frozen += [self.body.blocks[i] for i in range(last_block + 1)]
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad_(False)
+        if all_frozen_bn:
+            self.body = freeze_batch_norm_act(self.body)
+        else:
+            for name in ("conv_stem", "bn1"):
+                if getattr(self.body, name) in frozen:
+                    setattr(self.body, name, freeze_batch_norm_act(getattr(self.body, name)))
+            for i, block in enumerate(self.body.blocks):
+                if block in frozen:
+                    self.body.blocks[i] = freeze_batch_norm_act(block)
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return dict(zip(self.out_features, self.body(x)))
+
+    @classmethod
+    def from_config(cls, cfg) -> dict:
+        e = cfg.MODEL.EFFICIENTNET
+        return {
+            "variant": scaled_value(e.VARIANT, cfg.MODEL.EFFICIENTDET.COMPOUND_COEF, "backbone",
+                                    "MODEL.EFFICIENTNET.VARIANT"),
+            "padding_mode": cfg.MODEL.EFFICIENTDET.PADDING,
+            "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
+            "drop_path_rate": e.DROP_PATH_RATE,
+            "norm": cfg.MODEL.BACKBONE.NORM,
+            "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
+            "bn_momentum": cfg.MODEL.BN.MOMENTUM,
+            "bn_eps": cfg.MODEL.BN.EPS,
+            "in_channels": len(cfg.MODEL.PIXEL_MEAN),
+        }
+
+
+@BACKBONE_REGISTRY.register()
+def EfficientNet(cfg) -> EfficientNetBackbone:
+    """EfficientNet backbone from ``MODEL.EFFICIENTNET``, ``MODEL.BACKBONE`` and the compound
+    coefficient / padding of ``MODEL.EFFICIENTDET``."""
+    return EfficientNetBackbone(**EfficientNetBackbone.from_config(cfg))

@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Side-by-side speed of our EfficientDet and effdet's, same weights, same input, one process.
+
+    python tools/benchmark_effdet.py --variant 0 --size 512 --iters 10
+    python tools/benchmark_effdet.py --variant 0 --size 512 --profile   # top ops of both
+
+effdet runs as its benches: ``DetBenchPredict`` on the already normalised batch (inference) and
+``DetBenchTrain`` with its anchor labeler (training; both models label anchors inside the step).
+effdet's own training script labels anchors in data-loader workers instead; ``--effdet-loader-labels``
+times that setting (labels computed once, outside the timed step), which flatters effdet. Ours takes the uint8 images and does
+normalisation, padding, labeling, losses and postprocessing itself. Timings alternate between the
+two models iteration by iteration and report medians, so load from other processes affects both
+alike. Detections are compared first: a speedup that changes results is a bug.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from detector.checkpoint.effdet_convert import convert_effdet_state_dict  # noqa: E402
+from detector.config import get_cfg  # noqa: E402
+from detector.modeling import build_model  # noqa: E402
+from detector.structures import Boxes, Instances  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_CLASSES = 90
+
+
+def build_pair(variant: int, size: int, seed: int = 0, opts=()):
+    """effdet's tf_efficientdet_d<variant> with random weights and ours holding the same."""
+    import effdet
+
+    torch.manual_seed(seed)
+    theirs = effdet.create_model(f"tf_efficientdet_d{variant}", pretrained=False,
+                                 pretrained_backbone=False, image_size=(size, size))
+    cfg = get_cfg()
+    cfg.merge_from_file(os.path.join(ROOT, "configs", "efficientdet",
+                                     f"EfficientDet-D{variant}.yaml"))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.EFFICIENTDET.NUM_CLASSES",
+                         str(NUM_CLASSES), *opts])
+    ours = build_model(cfg)
+    ours.load_state_dict(convert_effdet_state_dict(theirs.state_dict(), ours.state_dict()))
+    return theirs, ours
+
+
+def make_inputs(batch: int, size: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = [torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+              for _ in range(batch)]
+    boxes, labels = [], []
+    for _ in range(batch):
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = 16 + torch.rand(4, 2, generator=g) * size * 0.35
+        boxes.append(torch.cat([xy, xy + wh], 1).clamp(max=size))
+        labels.append(torch.randint(0, NUM_CLASSES, (4,), generator=g))
+    ours = [{"image": im, "height": size, "width": size, "image_id": i,
+             "instances": Instances((size, size), gt_boxes=Boxes(b), gt_classes=c)}
+            for i, (im, b, c) in enumerate(zip(images, boxes, labels))]
+    # effdet: normalised batch, (y1, x1, y2, x2) boxes, 1-based classes
+    target = {"bbox": torch.stack([b[:, [1, 0, 3, 2]] for b in boxes]),
+              "cls": torch.stack(labels) + 1,
+              "img_scale": torch.ones(batch), "img_size": torch.tensor([[size, size]] * batch)}
+    return images, ours, target
+
+
+def normalized(model, images):
+    return torch.stack([(im.float() - model.pixel_mean) / model.pixel_std for im in images])
+
+
+def check_outputs_match(bench, ours, images, our_inputs, target) -> float:
+    """Largest |score difference| of matching detections (sorted by score)."""
+    ours.eval()
+    bench.eval()
+    with torch.no_grad():
+        theirs = bench(normalized(ours, images), img_info=target)
+        got = ours([{k: v for k, v in d.items() if k != "instances"} for d in our_inputs])
+    worst = 0.0
+    for t, o in zip(theirs, got):
+        t = t[t[:, 4] > 0]
+        n = min(len(t), len(o["instances"]))
+        worst = max(worst, float((t[:n, 4] - o["instances"].scores[:n]).abs().max()))
+    return worst
+
+
+def time_pair(fn_a, fn_b, iters: int, warmup: int):
+    """Medians of alternating runs of two functions."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    a, b = [], []
+    for _ in range(iters):
+        for fn, samples in ((fn_a, a), (fn_b, b)):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(a), statistics.median(b)
+
+
+def train_step(model, optimizer, forward):
+    def run():
+        losses = forward()
+        total = losses["loss"] if "loss" in losses else sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    return run
+
+
+def profile(name, fn, rows: int = 25):
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    print(f"=== {name}")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", type=int, default=0, help="D<variant> (0..7)")
+    parser.add_argument("--size", type=int, default=512, help="square input size (multiple of 128)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--infer-batch", type=int, default=1)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--profile", action="store_true", help="print the top ops of each step")
+    parser.add_argument("--effdet-loader-labels", action="store_true",
+                        help="give effdet's train step precomputed anchor labels (as its loader)")
+    parser.add_argument("--json", default="", help="write the figures to this file")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides for our model, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    if args.size % 128:
+        parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from effdet.bench import DetBenchPredict, DetBenchTrain
+
+    theirs, ours = build_pair(args.variant, args.size, opts=args.opts)
+    predict = DetBenchPredict(theirs)
+    trainer = DetBenchTrain(theirs, create_labeler=not args.effdet_loader_labels)
+    batch = max(args.infer_batch, args.train_batch)
+    images, our_inputs, target = make_inputs(batch, args.size)
+    bi, bt = args.infer_batch, args.train_batch
+    info = {k: v[:bi] for k, v in target.items() if k in ("img_scale", "img_size")}
+    max_score_diff = check_outputs_match(predict, ours, images[:bi], our_inputs[:bi], info)
+    print(f"max |score difference| between implementations: {max_score_diff:.2e}")
+
+    their_x = normalized(ours, images[:bi])
+    our_eval_inputs = [{k: v for k, v in d.items() if k != "instances"} for d in our_inputs[:bi]]
+
+    def infer_theirs():
+        with torch.no_grad():
+            predict(their_x, img_info=info)
+
+    def infer_ours():
+        with torch.no_grad():
+            ours(our_eval_inputs)
+
+    predict.eval()
+    ours.eval()
+    if args.profile:
+        profile("effdet inference", infer_theirs)
+        profile("detector inference", infer_ours)
+    t_theirs_inf, t_ours_inf = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
+
+    their_train_x = normalized(ours, images[:bt])
+    train_target = {k: v[:bt] for k, v in target.items()}
+    if args.effdet_loader_labels:
+        from effdet.anchors import AnchorLabeler
+
+        labeler = AnchorLabeler(trainer.anchors, NUM_CLASSES, match_threshold=0.5)
+        cls_targets, box_targets, num_positives = labeler.batch_label_anchors(
+            train_target["bbox"], train_target["cls"])
+        for level, (c, b) in enumerate(zip(cls_targets, box_targets)):
+            train_target[f"label_cls_{level}"] = c
+            train_target[f"label_bbox_{level}"] = b
+        train_target["label_num_positives"] = num_positives
+    opt_theirs = torch.optim.SGD(trainer.parameters(), lr=1e-6, momentum=0.9)
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-6, momentum=0.9)
+    step_theirs = train_step(trainer, opt_theirs, lambda: trainer(their_train_x, train_target))
+    step_ours = train_step(ours, opt_ours, lambda: ours(our_inputs[:bt]))
+    trainer.train()
+    ours.train()
+    if args.profile:
+        profile("effdet training step", step_theirs)
+        profile("detector training step", step_ours)
+    t_theirs_train, t_ours_train = time_pair(step_theirs, step_ours, args.iters, args.warmup)
+
+    rows = {
+        "inference_ms_per_img": (t_theirs_inf * 1000 / bi, t_ours_inf * 1000 / bi,
+                                 t_theirs_inf / t_ours_inf),
+        "train_img_per_s": (bt / t_theirs_train, bt / t_ours_train,
+                            t_theirs_train / t_ours_train),
+    }
+    labels = "effdet labels precomputed" if args.effdet_loader_labels else "both label in-step"
+    print(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, train "
+          f"batch {bt} ({labels}), threads={torch.get_num_threads()}, median of {args.iters} "
+          f"alternating runs after {args.warmup} warm-up")
+    print(f"{'metric':<24}{'effdet':>12}{'detector':>12}{'ratio (ours faster >1)':>26}")
+    for name, (a, b, r) in rows.items():
+        print(f"{name:<24}{a:>12.2f}{b:>12.2f}{r:>26.3f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: dict(zip(("effdet", "detector", "ratio"), v)) for k, v in rows.items()}
+                      | {"max_score_diff": max_score_diff}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
