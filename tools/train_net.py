@@ -20,7 +20,6 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from detector.checkpoint import DetectionCheckpointer  # noqa: E402
 from detector.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
 from detector.engine.defaults import launch_from_args, setup_cfg  # noqa: E402
 from detector.utils import comm  # noqa: E402
@@ -31,9 +30,7 @@ def main(args):
     default_setup(cfg, args)
     if args.eval_only:
         model = DefaultTrainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        DefaultTrainer.load_for_evaluation(cfg, model, resume=args.resume)
         return DefaultTrainer.test(cfg, model)
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)

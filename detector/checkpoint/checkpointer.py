@@ -155,6 +155,8 @@ class DetectionCheckpointer(Checkpointer):
         ordered.update(checkpointables)
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **ordered)
         self.logger = logger
+        # names of the checkpointables the last load() restored
+        self.restored: List[str] = []
 
     # ----------------------------------------------------------------------------- saving
     def save(self, name: str, **kwargs: Any) -> None:
@@ -183,6 +185,7 @@ class DetectionCheckpointer(Checkpointer):
     def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
         """Load the model (and the named checkpointables, default all present) from ``path``;
         returns the remaining entries (e.g. ``{"iteration": 19}``). An empty path loads nothing."""
+        self.restored = []
         if not path:
             self.logger.info("No checkpoint given: the model keeps its initialization")
             return {}
@@ -204,6 +207,7 @@ class DetectionCheckpointer(Checkpointer):
                     raise CheckpointError(
                         f"Checkpoint {path}: cannot restore '{key}': {_first_line(err)}"
                     ) from None
+                self.restored.append(key)
         return checkpoint
 
     def _load_file(self, filename: str) -> Dict[str, Any]:

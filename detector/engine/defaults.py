@@ -20,7 +20,7 @@ from detector.data import (
 )
 from detector.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
 from detector.modeling import build_model
-from detector.solver import build_gradient_clipper, build_lr_scheduler, build_optimizer
+from detector.solver import ModelEMA, build_gradient_clipper, build_lr_scheduler, build_optimizer
 from detector.utils import comm
 from detector.utils.env import collect_env_info, seed_all_rng
 from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
@@ -156,15 +156,18 @@ class DefaultTrainer(TrainerBase):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        # every rank keeps its own average: DDP keeps the parameters equal, so the averages are too
+        self.ema = ModelEMA(model, decay=cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         model = self._wrap_ddp(model)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(
             model, data_loader, optimizer, grad_clipper=build_gradient_clipper(cfg)
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        extra = {"ema": self.ema} if self.ema is not None else {}
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=self.scheduler,
-            trainer=self._trainer,
+            trainer=self._trainer, **extra,
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -194,14 +197,23 @@ class DefaultTrainer(TrainerBase):
     def resume_or_load(self, resume: bool = True):
         """With ``resume`` and a checkpoint in OUTPUT_DIR, continue from it (model, optimizer,
         scheduler, iteration); otherwise load MODEL.WEIGHTS (if any) and start at iteration 0."""
+        logger = logging.getLogger("detector")
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if resume and self.checkpointer.has_checkpoint():
             self.start_iter = checkpoint.get("iteration", -1) + 1
-            logging.getLogger("detector").info("Resuming at iteration %d", self.start_iter)
+            logger.info("Resuming at iteration %d", self.start_iter)
+        if self.ema is not None and "ema" not in self.checkpointer.restored:
+            # the average starts from the weights training starts from, not the initialization
+            if self.start_iter > 0:
+                logger.warning("The checkpoint has no EMA weights: the average restarts from the "
+                               "current weights at iteration %d", self.start_iter)
+            self.ema.reset(self.model)
 
     def build_hooks(self):
         cfg = self.cfg
         ret = [hooks.IterationTimer(), hooks.LRScheduler(self.optimizer, self.scheduler)]
+        if self.ema is not None:
+            ret.append(hooks.EMAUpdate(self.ema))
         if comm.is_main_process():
             ret.append(hooks.PeriodicCheckpointer(
                 self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
@@ -209,7 +221,9 @@ class DefaultTrainer(TrainerBase):
             ))
 
         def test_and_save_results():
-            self._last_eval_results = self.test(self.cfg, self.model)
+            # with SOLVER.EMA.ENABLED the averaged weights are the ones evaluated, as in effdet
+            model = self.ema.module if self.ema is not None else self.model
+            self._last_eval_results = self.test(self.cfg, model)
             return self._last_eval_results
 
         if len(cfg.DATASETS.TEST) > 0:
@@ -248,6 +262,29 @@ class DefaultTrainer(TrainerBase):
         logger = logging.getLogger("detector")
         num_params = sum(p.numel() for p in model.parameters())
         logger.info("Model %s: %.2fM parameters", cfg.MODEL.META_ARCHITECTURE, num_params / 1e6)
+        return model
+
+    @classmethod
+    def load_for_evaluation(cls, cfg, model, resume: bool = False):
+        """Load MODEL.WEIGHTS (or, with ``resume``, the last checkpoint in OUTPUT_DIR) into
+        ``model`` for --eval-only. With SOLVER.EMA.ENABLED and an "ema" entry in the checkpoint,
+        the averaged weights are the ones loaded."""
+        logger = logging.getLogger("detector")
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        ema = None
+        if cfg.SOLVER.EMA.ENABLED:
+            ema = ModelEMA(model, decay=cfg.SOLVER.EMA.DECAY)
+            checkpointer.add_checkpointable("ema", ema)
+        path = (checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint()
+                else cfg.MODEL.WEIGHTS)
+        checkpointer.load(path, checkpointables=["ema"] if ema is not None else [])
+        if ema is not None:
+            if "ema" in checkpointer.restored:
+                model.load_state_dict(ema.module.state_dict())
+                logger.info("Evaluating the EMA weights of the checkpoint")
+            else:
+                logger.warning("SOLVER.EMA.ENABLED but the checkpoint has no EMA weights: "
+                               "evaluating its model weights")
         return model
 
     @classmethod

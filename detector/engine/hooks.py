@@ -1,5 +1,5 @@
 """Standard training hooks. Register them in this order so each sees the previous ones' output:
-IterationTimer, LRScheduler, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it writes what
+IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it writes what
 the others put into the EventStorage during the same iteration)."""
 import datetime
 import logging
@@ -15,7 +15,7 @@ from detector.utils.events import EventWriter
 from .train_loop import HookBase
 
 __all__ = [
-    "CallbackHook", "IterationTimer", "LRScheduler", "PeriodicCheckpointer", "EvalHook",
+    "CallbackHook", "IterationTimer", "LRScheduler", "EMAUpdate", "PeriodicCheckpointer", "EvalHook",
     "PeriodicWriter", "flatten_results_dict",
 ]
 
@@ -117,6 +117,18 @@ class LRScheduler(HookBase):
         lr = self._optimizer.param_groups[self._group_index]["lr"]
         self.trainer.storage.put_scalar("lr", lr, smoothing_hint=False)
         self.scheduler.step()
+
+
+class EMAUpdate(HookBase):
+    """Moves a :class:`detector.solver.ModelEMA` towards the trainer's model after every
+    optimizer step; registered before the checkpointer and EvalHook so both see this
+    iteration's average."""
+
+    def __init__(self, ema):
+        self.ema = ema
+
+    def after_step(self):
+        self.ema.update(self.trainer.model)
 
 
 class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):

@@ -79,10 +79,20 @@ class ModelEMA:
             torch._foreach_lerp_(floats_ema, floats_cur, 1.0 - decay)
         self.num_updates += 1
 
+    @torch.no_grad()
+    def reset(self, model: nn.Module) -> None:
+        """Restart the average from ``model``'s current weights (e.g. after loading
+        MODEL.WEIGHTS into it), with the warm-up from the beginning."""
+        self.module.load_state_dict(_unwrap(model).state_dict())
+        self.num_updates = 0
+
     def state_dict(self) -> Dict:
         return {"module": self.module.state_dict(), "num_updates": self.num_updates,
                 "decay": self.decay}
 
     def load_state_dict(self, state_dict: Dict) -> None:
+        """Restore :meth:`state_dict`; the decay stays the configured one."""
+        if not isinstance(state_dict, dict) or "module" not in state_dict:
+            raise ValueError("EMA state must be a dict with 'module' and 'num_updates'")
         self.module.load_state_dict(state_dict["module"])
-        self.num_updates = int(state_dict["num_updates"])
+        self.num_updates = int(state_dict.get("num_updates", 0))
