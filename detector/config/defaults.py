@@ -209,9 +209,14 @@ _C.MODEL.EFFICIENTDET.CHANNELS_LAST = True
 _C.INPUT = CN()
 # Channel order of images fed to the model: "RGB" or "BGR"
 _C.INPUT.FORMAT = "RGB"
+# Train-time resize: "shortest_edge" (MIN/MAX_SIZE_TRAIN) or "scale_jitter" (EfficientDet's
+# random scale of a MAX_SIZE_TRAIN square, then a random MAX_SIZE_TRAIN crop)
+_C.INPUT.RESIZE_MODE_TRAIN = "shortest_edge"
+# Range of the random scale of "scale_jitter" (effdet: 0.1 to 2.0)
+_C.INPUT.SCALE_JITTER_RANGE = (0.1, 2.0)
 # Shorter side at train time, sampled per image from this list
 _C.INPUT.MIN_SIZE_TRAIN = (512, 544, 576, 608, 640)
-# Longer side cap at train time
+# Longer side cap at train time (the square side with "scale_jitter")
 _C.INPUT.MAX_SIZE_TRAIN = 1066
 # Shorter side at test time
 _C.INPUT.MIN_SIZE_TEST = 576

@@ -9,9 +9,9 @@ import numpy as np
 from PIL import Image
 
 __all__ = [
-    "Transform", "NoOpTransform", "ResizeTransform", "HFlipTransform", "VFlipTransform",
-    "TransformList",
-    "Augmentation", "ResizeShortestEdge", "RandomFlip", "apply_augmentations", "build_augmentation",
+    "Transform", "NoOpTransform", "ResizeTransform", "CropTransform", "HFlipTransform",
+    "VFlipTransform", "TransformList",
+    "Augmentation", "ResizeShortestEdge", "ScaleJitterCrop", "RandomFlip", "apply_augmentations", "build_augmentation",
 ]
 
 
@@ -52,6 +52,21 @@ class ResizeTransform(Transform):
     def apply_box(self, boxes):
         scale = np.array([self.new_w / self.w, self.new_h / self.h] * 2, dtype=np.float64)
         return np.asarray(boxes, dtype=np.float64) * scale
+
+
+class CropTransform(Transform):
+    """Keep the window of ``width`` x ``height`` pixels whose top-left corner is (x0, y0). Boxes
+    are shifted only; the mapper clips them to the new image and drops the empty ones."""
+
+    def __init__(self, x0: int, y0: int, width: int, height: int):
+        self.x0, self.y0, self.width, self.height = x0, y0, width, height
+
+    def apply_image(self, image):
+        return image[self.y0:self.y0 + self.height, self.x0:self.x0 + self.width]
+
+    def apply_box(self, boxes):
+        shift = np.array([self.x0, self.y0] * 2, dtype=np.float64)
+        return np.asarray(boxes, dtype=np.float64) - shift
 
 
 class HFlipTransform(Transform):
@@ -141,6 +156,35 @@ class ResizeShortestEdge(Augmentation):
         return ResizeTransform(h, w, new_h, new_w)
 
 
+class ScaleJitterCrop(Augmentation):
+    """EfficientDet's training resize (effdet's RandomResizePad, TF's scale jitter): draw
+    r ~ U(min_scale, max_scale), scale the image to fit a square of side ``r * target_size``
+    (aspect kept), then cut a random window of at most ``target_size`` x ``target_size``. The
+    batch padding of the model fills smaller images up."""
+
+    def __init__(self, target_size: int, scale_range: Sequence[float] = (0.1, 2.0)):
+        if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+            raise ValueError(f"INPUT.SCALE_JITTER_RANGE must be (min, max) with 0 < min <= max, "
+                             f"got {tuple(scale_range)}")
+        if int(target_size) <= 0:
+            raise ValueError(f"ScaleJitterCrop needs a positive target size, got {target_size}")
+        self.target_size = int(target_size)
+        self.min_scale, self.max_scale = float(scale_range[0]), float(scale_range[1])
+
+    def get_transform(self, image, rng):
+        h, w = image.shape[:2]
+        side = self.target_size * rng.uniform(self.min_scale, self.max_scale)
+        scale = min(side / h, side / w)
+        new_h, new_w = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        resize = ResizeTransform(h, w, new_h, new_w)
+        crop_h, crop_w = min(new_h, self.target_size), min(new_w, self.target_size)
+        if (crop_h, crop_w) == (new_h, new_w):
+            return resize
+        y0 = int(rng.integers(0, new_h - crop_h + 1))
+        x0 = int(rng.integers(0, new_w - crop_w + 1))
+        return TransformList([resize, CropTransform(x0, y0, crop_w, crop_h)])
+
+
 class RandomFlip(Augmentation):
     """Flip with probability ``prob``, horizontally (default) or vertically."""
 
@@ -169,11 +213,19 @@ def apply_augmentations(
 
 
 def build_augmentation(cfg, is_train: bool) -> List[Augmentation]:
-    """INPUT.MIN_SIZE_*/MAX_SIZE_* resizing, plus INPUT.RANDOM_FLIP when training."""
+    """Training: INPUT.RESIZE_MODE_TRAIN resizing, then INPUT.RANDOM_FLIP. Test:
+    INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST resizing."""
     if is_train:
-        augs: List[Augmentation] = [
-            ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN)
-        ]
+        mode = cfg.INPUT.RESIZE_MODE_TRAIN
+        if mode == "shortest_edge":
+            resize: Augmentation = ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN,
+                                                      cfg.INPUT.MAX_SIZE_TRAIN)
+        elif mode == "scale_jitter":
+            resize = ScaleJitterCrop(cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.SCALE_JITTER_RANGE)
+        else:
+            raise ValueError(f"INPUT.RESIZE_MODE_TRAIN must be 'shortest_edge' or "
+                             f"'scale_jitter', got {mode!r}")
+        augs: List[Augmentation] = [resize]
         flip = cfg.INPUT.RANDOM_FLIP
         if flip == "horizontal":
             augs.append(RandomFlip(prob=0.5, horizontal=True))
