@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from detector.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file  # noqa: E402,E501
 from detector.checkpoint.effdet_convert import (  # noqa: E402
     EFFDET_COCO80_INDICES,
     EffdetConversionError,
@@ -56,15 +57,7 @@ def build_parser():
 def load_effdet_state_dict(path: str, ema: bool = False) -> dict:
     """A plain state dict, or the "state_dict" / "state_dict_ema" / "model" entry of a
     checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch.load raises many types for non-checkpoint files
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise EffdetConversionError(
-            f"not a loadable torch checkpoint of tensors ({type(e).__name__}: "
-            f"{first_line[:200]})") from None
+    obj = load_checkpoint_file(path)  # weights_only; one-line CheckpointError otherwise
     if isinstance(obj, dict):
         keys = ("state_dict_ema",) if ema else ("state_dict", "model")
         for key in keys:
@@ -110,14 +103,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         converted = convert(args)
+    except CheckpointError as e:  # names the file already
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (EffdetConversionError, ConfigError, OSError) as e:
         print(f"error: {args.input}: {e}", file=sys.stderr)
         return 1
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = args.output + ".tmp"
-    torch.save({"model": converted}, tmp)
-    os.replace(tmp, args.output)
+    atomic_torch_save({"model": converted}, args.output)
     logger.info("Wrote %d tensors to %s", len(converted), args.output)
     return 0
 

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from detector.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file  # noqa: E402,E501
 from detector.checkpoint.torchvision_retinanet import (  # noqa: E402
     COCO_CATEGORY_IDS,
     TorchvisionConversionError,
@@ -49,14 +50,7 @@ def build_parser():
 
 def load_torchvision_state_dict(path: str) -> dict:
     """A plain state dict, or the "model" entry of a torchvision reference training checkpoint."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch.load raises many types for non-checkpoint files
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise TorchvisionConversionError(
-            f"not a loadable torch checkpoint ({type(e).__name__}: {first_line})") from None
+    obj = load_checkpoint_file(path)  # weights_only; one-line CheckpointError otherwise
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         obj = obj["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -88,14 +82,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         converted = convert(args)
-    except (TorchvisionConversionError, OSError) as e:
-        print(f"error: {args.input}: {e}", file=sys.stderr)
+    except (TorchvisionConversionError, CheckpointError, OSError) as e:
+        message = str(e) if isinstance(e, CheckpointError) else f"{args.input}: {e}"
+        print(f"error: {message}", file=sys.stderr)
         return 1
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)
-    tmp = args.output + ".tmp"
-    torch.save({"model": converted}, tmp)
-    os.replace(tmp, args.output)
+    atomic_torch_save({"model": converted}, args.output)
     logger.info("Wrote %d tensors to %s", len(converted), args.output)
     return 0
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from detector.utils import comm
 
-__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "CheckpointError", "load_checkpoint_file"]
+__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "CheckpointError", "load_checkpoint_file",
+           "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,12 @@ def load_checkpoint_file(path: str) -> Any:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; files of torch < 1.6 are a bare pickle (protocol >= 2)
+    if not (magic.startswith(b"PK\x03\x04") or magic[:1] == b"\x80"):
+        raise CheckpointError(f"Cannot read checkpoint {path}: not a torch checkpoint (neither a "
+                              f"zip archive nor a pickle; starts with {magic!r})")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
@@ -78,7 +85,7 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def _atomic_torch_save(obj: Any, path: str) -> None:
+def atomic_torch_save(obj: Any, path: str) -> None:
     """torch.save to a temporary file next to ``path``, fsync, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
@@ -173,7 +180,7 @@ class DetectionCheckpointer(Checkpointer):
         if os.path.basename(save_file) != basename:
             raise ValueError(f"Checkpoint name must be a plain file name, got '{name}'")
         os.makedirs(self.save_dir, exist_ok=True)
-        _atomic_torch_save(data, save_file)
+        atomic_torch_save(data, save_file)
         self.tag_last_checkpoint(basename)
         # logged after the rename: a reader seeing this line finds a complete file
         self.logger.info("Saved checkpoint to %s", save_file)

@@ -250,6 +250,10 @@ def test_corrupt_and_missing_files_are_one_line_errors(tmp_path):
     assert "\n" not in str(err.value) and str(truncated) in str(err.value)
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         ckpt.load(str(tmp_path / "nope.pth"))
+    text = tmp_path / "text.pth"
+    text.write_text("<html>404 Not Found</html>")
+    with pytest.raises(CheckpointError, match="text.pth: not a torch checkpoint"):
+        ckpt.load(str(text))
     odd = tmp_path / "odd.pth"
     torch.save({"epoch": 3, "notes": "x"}, odd)
     with pytest.raises(CheckpointError, match="no model weights"):
