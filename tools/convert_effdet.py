@@ -24,7 +24,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from detector.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file  # noqa: E402,E501
+from detector.checkpoint import (  # noqa: E402
+    CheckpointError,
+    atomic_torch_save,
+    load_checkpoint_file,
+)
 from detector.checkpoint.effdet_convert import (  # noqa: E402
     EFFDET_COCO80_INDICES,
     EffdetConversionError,

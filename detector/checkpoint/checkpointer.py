@@ -21,8 +21,8 @@ from torch import nn
 
 from detector.utils import comm
 
-__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "CheckpointError", "load_checkpoint_file",
-           "atomic_torch_save"]
+__all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "CheckpointError",
+           "load_checkpoint_file", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +85,14 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file next to ``path``, fsync, then rename over ``path``."""
+def _atomic_write(path: str, write, mode: str) -> None:
+    """``write(f)`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                     suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -101,23 +101,15 @@ def atomic_torch_save(obj: Any, path: str) -> None:
             os.remove(tmp_path)
         raise
     _fsync_dir(directory)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """torch.save that leaves either the old file or the complete new one, never a torn one."""
+    _atomic_write(path, lambda f: torch.save(obj, f), "wb")
 
 
 def _atomic_write_text(text: str, path: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                                    suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-    _fsync_dir(directory)
+    _atomic_write(path, lambda f: f.write(text), "w")
 
 
 def _fsync_dir(directory: str) -> None:

@@ -28,6 +28,7 @@ import torch
 
 from detector.modeling.neck.bifpn import bifpn_graph
 
+from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
 from .torchvision_retinanet import COCO_CATEGORY_IDS
 
 __all__ = ["EffdetConversionError", "convert_effdet_state_dict", "check_against",
@@ -39,14 +40,8 @@ EFFDET_COCO80_INDICES = tuple(i - 1 for i in COCO_CATEGORY_IDS)
 _NORM = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 
 
-class EffdetConversionError(ValueError):
+class EffdetConversionError(ConversionError):
     """An effdet state dict that does not map one-to-one onto our EfficientDet."""
-
-
-def _short_list(keys, limit=8):
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
 
 
 def _bifpn_names(min_level: int, max_level: int):
@@ -164,7 +159,7 @@ def convert_effdet_state_dict(
     if unmapped:
         raise EffdetConversionError(
             f"{len(unmapped)} effdet keys have no counterpart (expected an effdet EfficientDet "
-            f"state dict for levels P{min_level}-P{max_level}): {_short_list(unmapped)}")
+            f"state dict for levels P{min_level}-P{max_level}): {short_list(unmapped)}")
     if class_indices is not None:
         converted = select_classes(converted, class_indices)
     if expected_state_dict is not None:
@@ -204,20 +199,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
                   expected_state_dict: Mapping[str, torch.Tensor], source: str = "") -> None:
     """One-line error unless ``converted`` has exactly the keys and shapes of
     ``expected_state_dict``; ``source`` describes the checkpoint in the message."""
-    missing = set(expected_state_dict) - set(converted)
-    unexpected = set(converted) - set(expected_state_dict)
-    mismatched = [
-        f"{k} {tuple(converted[k].shape)} vs ours {tuple(expected_state_dict[k].shape)}"
-        for k in sorted(set(converted) & set(expected_state_dict))
-        if tuple(converted[k].shape) != tuple(expected_state_dict[k].shape)
-    ]
-    problems = []
-    if mismatched:
-        problems.append(f"shape mismatch: {_short_list(mismatched, limit=4)}")
-    if missing:
-        problems.append(f"missing in the checkpoint: {_short_list(missing, limit=4)}")
-    if unexpected:
-        problems.append(f"not in our model: {_short_list(unexpected, limit=4)}")
+    problems = state_dict_problems(converted, expected_state_dict, source="the checkpoint")
     if problems:
         what = f" (checkpoint: {source})" if source else ""
         raise EffdetConversionError("effdet weights do not fit the model, another variant or "
@@ -227,19 +209,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
 def select_classes(state_dict: Mapping[str, torch.Tensor],
                    class_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
     """Keep only the classifier outputs of ``class_indices`` (in that order) in a converted state
-    dict; output channel ``a * K + k`` is anchor a, class k."""
-    state_dict = dict(state_dict)
-    weight = state_dict["head.cls_score.conv_pw.weight"]
-    bias = state_dict["head.cls_score.conv_pw.bias"]
-    num_anchors = state_dict["head.bbox_pred.conv_pw.bias"].numel() // 4
-    num_classes = bias.numel() // num_anchors
-    idx = torch.as_tensor(list(class_indices), dtype=torch.int64)
-    if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= num_classes:
-        raise EffdetConversionError(
-            f"class indices must lie in [0, {num_classes}) for a head with {num_classes} classes")
-    state_dict["head.cls_score.conv_pw.weight"] = (
-        weight.reshape(num_anchors, num_classes, *weight.shape[1:])[:, idx]
-        .reshape(-1, *weight.shape[1:]).clone())
-    state_dict["head.cls_score.conv_pw.bias"] = (
-        bias.reshape(num_anchors, num_classes)[:, idx].reshape(-1).clone())
-    return state_dict
+    dict, e.g. :data:`EFFDET_COCO80_INDICES`."""
+    return select_classifier_outputs(state_dict, class_indices, cls_prefix="head.cls_score.conv_pw",
+                                     box_bias_key="head.bbox_pred.conv_pw.bias",
+                                     error=EffdetConversionError)

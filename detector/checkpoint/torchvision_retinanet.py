@@ -23,6 +23,8 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
+
 __all__ = ["convert_torchvision_retinanet_state_dict", "select_classes", "check_against",
            "COCO_CATEGORY_IDS", "TorchvisionConversionError"]
 
@@ -35,7 +37,7 @@ COCO_CATEGORY_IDS = (
 )
 
 
-class TorchvisionConversionError(ValueError):
+class TorchvisionConversionError(ConversionError):
     """A torchvision state dict that does not map one-to-one onto our RetinaNet."""
 
 
@@ -78,12 +80,6 @@ def _map_key(key: str) -> Optional[str]:
     return None
 
 
-def _short_list(keys, limit=12):
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
 def convert_torchvision_retinanet_state_dict(
     tv_state_dict: Mapping[str, torch.Tensor],
     expected_state_dict: Optional[Mapping[str, torch.Tensor]] = None,
@@ -116,11 +112,11 @@ def convert_torchvision_retinanet_state_dict(
     if unmapped:
         raise TorchvisionConversionError(
             f"{len(unmapped)} torchvision keys have no counterpart (expected a "
-            f"retinanet_resnet50_fpn v1 state dict): {_short_list(unmapped)}")
+            f"retinanet_resnet50_fpn v1 state dict): {short_list(unmapped, 12)}")
     if duplicates:
         raise TorchvisionConversionError(
             f"torchvision keys map to an already converted key (legacy and new layout mixed?): "
-            f"{_short_list(duplicates)}")
+            f"{short_list(duplicates, 12)}")
     if expected_state_dict is not None:
         check_against(converted, expected_state_dict)
     return converted
@@ -130,20 +126,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
                   expected_state_dict: Mapping[str, torch.Tensor]) -> None:
     """One-line error unless ``converted`` has exactly the keys and shapes of
     ``expected_state_dict``."""
-    missing = set(expected_state_dict) - set(converted)
-    unexpected = set(converted) - set(expected_state_dict)
-    mismatched = [
-        f"{k} {tuple(converted[k].shape)} vs ours {tuple(expected_state_dict[k].shape)}"
-        for k in sorted(set(converted) & set(expected_state_dict))
-        if tuple(converted[k].shape) != tuple(expected_state_dict[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing in torchvision: {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"not in our model: {_short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatch: {_short_list(mismatched, limit=6)}")
+    problems = state_dict_problems(converted, expected_state_dict, source="torchvision", limit=6)
     if problems:
         raise TorchvisionConversionError("converted torchvision weights do not fit the model; "
                                          + "; ".join(problems))
@@ -152,19 +135,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
 def select_classes(state_dict: Mapping[str, torch.Tensor],
                    class_indices) -> Dict[str, torch.Tensor]:
     """Keep only the classifier outputs of ``class_indices`` (in that order) in a converted state
-    dict. The classifier's output channel for anchor a and class k is ``a * K + k``."""
-    state_dict = dict(state_dict)
-    weight, bias = state_dict["head.cls_score.weight"], state_dict["head.cls_score.bias"]
-    num_anchors = state_dict["head.bbox_pred.bias"].numel() // 4
-    num_classes = bias.numel() // num_anchors
-    class_indices = torch.as_tensor(list(class_indices), dtype=torch.int64)
-    if (class_indices.numel() == 0 or int(class_indices.min()) < 0
-            or int(class_indices.max()) >= num_classes):
-        raise TorchvisionConversionError(
-            f"class indices must lie in [0, {num_classes}) for a head with {num_classes} classes")
-    state_dict["head.cls_score.weight"] = (
-        weight.reshape(num_anchors, num_classes, *weight.shape[1:])[:, class_indices]
-        .reshape(-1, *weight.shape[1:]).clone())
-    state_dict["head.cls_score.bias"] = (
-        bias.reshape(num_anchors, num_classes)[:, class_indices].reshape(-1).clone())
-    return state_dict
+    dict, e.g. ``COCO_CATEGORY_IDS``."""
+    return select_classifier_outputs(state_dict, class_indices, cls_prefix="head.cls_score",
+                                     box_bias_key="head.bbox_pred.bias",
+                                     error=TorchvisionConversionError)

@@ -11,7 +11,8 @@ from PIL import Image
 __all__ = [
     "Transform", "NoOpTransform", "ResizeTransform", "CropTransform", "HFlipTransform",
     "VFlipTransform", "TransformList",
-    "Augmentation", "ResizeShortestEdge", "ScaleJitterCrop", "RandomFlip", "apply_augmentations", "build_augmentation",
+    "Augmentation", "ResizeShortestEdge", "ScaleJitterCrop", "RandomFlip", "apply_augmentations",
+    "build_augmentation",
 ]
 
 

@@ -1,6 +1,6 @@
 """Standard training hooks. Register them in this order so each sees the previous ones' output:
-IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it writes what
-the others put into the EventStorage during the same iteration)."""
+IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it
+writes what the others put into the EventStorage during the same iteration)."""
 import datetime
 import logging
 import time
@@ -15,7 +15,8 @@ from detector.utils.events import EventWriter
 from .train_loop import HookBase
 
 __all__ = [
-    "CallbackHook", "IterationTimer", "LRScheduler", "EMAUpdate", "PeriodicCheckpointer", "EvalHook",
+    "CallbackHook", "IterationTimer", "LRScheduler", "EMAUpdate", "PeriodicCheckpointer",
+    "EvalHook",
     "PeriodicWriter", "flatten_results_dict",
 ]
 

@@ -12,7 +12,6 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from detector.structures import Boxes, ImageList, Instances, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
@@ -27,6 +26,7 @@ from ..matcher import Matcher
 from ..neck import build_neck
 from ..postprocessing import rescale_detections
 from .build import META_ARCH_REGISTRY
+from .dense_detector import DenseDetector
 
 __all__ = ["EfficientDet", "efficientdet_anchor_generator"]
 
@@ -55,7 +55,7 @@ def efficientdet_anchor_generator(*, min_level: int, max_level: int, anchor_scal
 
 
 @META_ARCH_REGISTRY.register()
-class EfficientDet(nn.Module):
+class EfficientDet(DenseDetector):
     """Args:
         backbone, neck, head, anchor_generator: the networks and the anchor source.
         box_coder, anchor_matcher: delta encoding and anchor-to-gt assignment.
@@ -71,6 +71,8 @@ class EfficientDet(nn.Module):
             :func:`detector.modeling.efficientdet_postprocessing.efficientdet_inference`.
     """
 
+    num_classes_key = "MODEL.EFFICIENTDET.NUM_CLASSES"
+
     def __init__(self, *, backbone: Backbone, neck: nn.Module, head: nn.Module,
                  anchor_generator: AnchorGenerator, box_coder: BoxCoder, anchor_matcher: Matcher,
                  num_classes: int, pixel_mean: Sequence[float], pixel_std: Sequence[float],
@@ -84,9 +86,6 @@ class EfficientDet(nn.Module):
         if box_loss_type not in EFFICIENTDET_BOX_LOSS_TYPES:
             raise ValueError(f"MODEL.EFFICIENTDET.BOX_LOSS_TYPE='{box_loss_type}' is not one of "
                              f"{EFFICIENTDET_BOX_LOSS_TYPES}")
-        if len(pixel_mean) != len(pixel_std):
-            raise ValueError(f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD "
-                             f"{list(pixel_std)} need the same length")
         if topk_candidates_test <= 0:
             raise ValueError(f"MODEL.EFFICIENTDET.TOPK_CANDIDATES_TEST={topk_candidates_test} "
                              "must be positive")
@@ -103,7 +102,7 @@ class EfficientDet(nn.Module):
         if size_divisibility and size_divisibility % max_stride:
             raise ValueError(f"MODEL.SIZE_DIVISIBILITY={size_divisibility} must be a multiple of "
                              f"the largest pyramid stride {max_stride} (BiFPN fusion needs it)")
-        self.size_divisibility = size_divisibility or max_stride
+        self._set_input_format(pixel_mean, pixel_std, size_divisibility or max_stride)
         self.num_classes = num_classes
         self.channels_last = channels_last
         self.focal_loss_alpha, self.focal_loss_gamma = focal_loss_alpha, focal_loss_gamma
@@ -113,10 +112,6 @@ class EfficientDet(nn.Module):
         self.topk_candidates_test = topk_candidates_test
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1).float(),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1).float(),
-                             persistent=False)
         self.backbone_channels_last = channels_last and channels_last_is_safe(backbone)
         if channels_last:
             for module in (neck, head) + ((backbone,) if self.backbone_channels_last else ()):
@@ -177,24 +172,6 @@ class EfficientDet(nn.Module):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
         }
 
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        """Move to the device, normalise, pad into one batch whose sides are multiples of
-        ``size_divisibility``."""
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
-                channels = self.pixel_mean.shape[0]
-                raise ValueError(f"Image {x.get('image_id', i)}: expected a ({channels}, H, W) "
-                                 f"tensor, got shape {tuple(image.shape)}")
-            image = image.to(self.device, non_blocking=True).float()
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.size_divisibility)
-
     def forward_features(self, images: torch.Tensor):
         """Raw per-level head outputs ``(pred_logits, pred_anchor_deltas)`` of a normalised,
         padded (N, 3, H, W) batch, and the feature maps."""
@@ -251,50 +228,3 @@ class EfficientDet(nn.Module):
             return None
         num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
         return (comm.all_reduce_sum(num_foreground.float()) + 1.0) / world_size
-
-    def _gt_instances(self, batched_inputs: List[dict]) -> List[Instances]:
-        gt_instances = []
-        for i, x in enumerate(batched_inputs):
-            image_id = x.get("image_id", i)
-            if "instances" not in x:
-                raise ValueError(f"Image {image_id}: training needs an 'instances' field with "
-                                 "gt_boxes and gt_classes")
-            inst = x["instances"].to(self.device)
-            boxes, classes = inst.gt_boxes.tensor, inst.gt_classes
-            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-                raise ValueError(f"Image {image_id}: gt_classes {sorted(set(classes.tolist()))} "
-                                 f"outside [0, {self.num_classes}) "
-                                 "(MODEL.EFFICIENTDET.NUM_CLASSES)")
-            bad = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
-                    & (boxes[:, 3] > boxes[:, 1]))
-            if bad.any():
-                raise ValueError(f"Image {image_id}: degenerate or non-finite gt box "
-                                 f"{boxes[bad][0].tolist()} (need x2 > x1 and y2 > y1)")
-            gt_instances.append(inst)
-        return gt_instances
-
-    @torch.no_grad()
-    def label_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances]):
-        """Per image, the label of every anchor (class, ``num_classes`` = background, -1 =
-        ignored: matched to a ``gt_is_crowd`` box) and its matched gt box.
-
-        Returns (N, R) int64 labels and (N, R, 4) boxes."""
-        num_anchors = anchors.shape[0]
-        gt_labels = torch.full((len(gt_instances), num_anchors), self.num_classes,
-                               dtype=torch.int64, device=anchors.device)
-        matched_gt_boxes = torch.zeros((len(gt_instances), num_anchors, 4),
-                                       dtype=anchors.dtype, device=anchors.device)
-        anchor_boxes = Boxes(anchors)
-        for i, inst in enumerate(gt_instances):
-            if len(inst) == 0:
-                continue
-            matched_idxs, match_labels = self.anchor_matcher(
-                pairwise_iou(inst.gt_boxes, anchor_boxes))
-            fg = match_labels == 1
-            gt_labels[i] = torch.where(fg, inst.gt_classes[matched_idxs].to(torch.int64),
-                                       gt_labels[i])
-            matched_gt_boxes[i] = inst.gt_boxes.tensor[matched_idxs]
-            if inst.has("gt_is_crowd"):
-                crowd = inst.gt_is_crowd.to(torch.bool)[matched_idxs] & fg
-                gt_labels[i][crowd] = -1
-        return gt_labels, matched_gt_boxes

@@ -9,7 +9,6 @@ from typing import List, Optional, Sequence
 import torch
 from torch import nn
 
-from detector.structures import Boxes, ImageList, Instances, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
@@ -22,12 +21,13 @@ from ..neck import build_neck
 from ..postprocessing import rescale_detections, retinanet_inference_single_image
 from ..retinanet_head import RetinaNetHead
 from .build import META_ARCH_REGISTRY
+from .dense_detector import DenseDetector
 
 __all__ = ["RetinaNet"]
 
 
 @META_ARCH_REGISTRY.register()
-class RetinaNet(nn.Module):
+class RetinaNet(DenseDetector):
     """Args:
         backbone, neck, head, anchor_generator: the networks and the anchor source; the neck's
             ``output_shape()`` levels are fed to the head in increasing order.
@@ -40,6 +40,8 @@ class RetinaNet(nn.Module):
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
             :func:`detector.modeling.postprocessing.retinanet_inference_single_image`.
     """
+
+    num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
 
     def __init__(self, *, backbone: Backbone, neck: nn.Module, head: nn.Module,
                  anchor_generator: AnchorGenerator, box_coder: BoxCoder, anchor_matcher: Matcher,
@@ -56,9 +58,6 @@ class RetinaNet(nn.Module):
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{loss_normalization}' is not "
                              f"one of {LOSS_NORMALIZATIONS}")
-        if len(pixel_mean) != len(pixel_std):
-            raise ValueError(f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD "
-                             f"{list(pixel_std)} need the same length")
         self.backbone = backbone
         self.neck = neck
         self.head = head
@@ -71,7 +70,8 @@ class RetinaNet(nn.Module):
             raise ValueError(f"The neck gives {len(self.in_features)} levels {self.in_features} "
                              f"but the anchor generator has {anchor_generator.num_levels}")
         self.num_classes = num_classes
-        self.size_divisibility = size_divisibility or max(s.stride for s in feature_shapes.values())
+        self._set_input_format(pixel_mean, pixel_std, size_divisibility
+                               or max(s.stride for s in feature_shapes.values()))
         self.focal_loss_alpha = focal_loss_alpha
         self.focal_loss_gamma = focal_loss_gamma
         self.bbox_reg_loss_type = bbox_reg_loss_type
@@ -81,11 +81,6 @@ class RetinaNet(nn.Module):
         self.topk_candidates_test = topk_candidates_test
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
-        # buffers so they follow .to(device); not persistent, like torchvision's transform
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1).float(),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1).float(),
-                             persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -129,23 +124,6 @@ class RetinaNet(nn.Module):
             "nms_thresh_test": r.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
         }
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        """Move to the device, normalise, pad into one batch."""
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
-                channels = self.pixel_mean.shape[0]
-                raise ValueError(f"Image {x.get('image_id', i)}: expected a ({channels}, H, W) "
-                                 f"tensor, got shape {tuple(image.shape)}")
-            image = image.to(self.device, non_blocking=True).float()
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
@@ -193,50 +171,3 @@ class RetinaNet(nn.Module):
             return None
         num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
         return float(comm.all_reduce_sum(num_foreground.float()))
-
-    def _gt_instances(self, batched_inputs: List[dict]) -> List[Instances]:
-        gt_instances = []
-        for i, x in enumerate(batched_inputs):
-            image_id = x.get("image_id", i)
-            if "instances" not in x:
-                raise ValueError(f"Image {image_id}: training needs an 'instances' field with "
-                                 "gt_boxes and gt_classes")
-            inst = x["instances"].to(self.device)
-            boxes, classes = inst.gt_boxes.tensor, inst.gt_classes
-            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-                raise ValueError(f"Image {image_id}: gt_classes {sorted(set(classes.tolist()))} "
-                                 f"outside [0, {self.num_classes}) (MODEL.RETINANET.NUM_CLASSES)")
-            bad = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
-                    & (boxes[:, 3] > boxes[:, 1]))
-            if bad.any():
-                raise ValueError(f"Image {image_id}: degenerate or non-finite gt box "
-                                 f"{boxes[bad][0].tolist()} (need x2 > x1 and y2 > y1)")
-            gt_instances.append(inst)
-        return gt_instances
-
-    @torch.no_grad()
-    def label_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances]):
-        """Per image, the label of every anchor (class, ``num_classes`` = background, -1 = ignored)
-        and its matched gt box. Anchors matched to a box with ``gt_is_crowd`` set are ignored.
-
-        Returns (N, R) int64 labels and (N, R, 4) boxes."""
-        gt_labels, matched_gt_boxes = [], []
-        anchor_boxes = Boxes(anchors)
-        for inst in gt_instances:
-            iou = pairwise_iou(inst.gt_boxes, anchor_boxes)
-            matched_idxs, match_labels = self.anchor_matcher(iou)
-            if len(inst) > 0:
-                labels = inst.gt_classes[matched_idxs].to(torch.int64)
-                boxes = inst.gt_boxes.tensor[matched_idxs]
-                if inst.has("gt_is_crowd"):
-                    crowd = inst.gt_is_crowd.to(torch.bool)[matched_idxs]
-                    match_labels = torch.where(crowd & (match_labels != 0),
-                                               torch.full_like(match_labels, -1), match_labels)
-            else:
-                labels = torch.zeros_like(matched_idxs)
-                boxes = torch.zeros_like(anchors)
-            labels[match_labels == 0] = self.num_classes
-            labels[match_labels == -1] = -1
-            gt_labels.append(labels)
-            matched_gt_boxes.append(boxes)
-        return torch.stack(gt_labels), torch.stack(matched_gt_boxes)
