@@ -1,23 +1,27 @@
 #!/usr/bin/env python
-"""Side-by-side speed of our RetinaNet and torchvision's, same weights, same input, one process.
+"""Our detectors against the reference implementations, side by side in one process, same weights,
+same input: RetinaNet R-50-FPN against torchvision's ``retinanet_resnet50_fpn`` and
+EfficientDet-D<k> against effdet's ``tf_efficientdet_d<k>``.
 
-    python tools/benchmark.py --size 512 --iters 10
-    python tools/benchmark.py --size 256 --iters 5 --threads 2 --json out.json
+    python tools/benchmark.py                                  # both, at 512 px
+    python tools/benchmark.py --model retinanet --size 256 --iters 5 --threads 2 --json out.json
+    python tools/benchmark.py --model efficientdet --variant 1 --size 640
 
-Reports inference ms/img (batch --infer-batch) and training img/s (batch --train-batch) for both, and
-the ratio (>1 means we are faster). Outputs are compared first: a speedup that changes results is a bug.
+Reports inference ms/img (batch --infer-batch) and training img/s (batch --train-batch) for both
+implementations and the ratio (>1 means we are faster), then a summary of the ratios. Outputs are
+compared first: a speedup that changes results is a bug. tools/benchmark_effdet.py has the
+EfficientDet-only options (--profile, --effdet-loader-labels, config overrides).
 """
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchmark_common import print_rows, speed_rows, time_pair, train_step, write_json  # noqa: E402
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
 from detector.config import get_cfg  # noqa: E402
 from detector.layers import convert_frozen_batchnorm  # noqa: E402
@@ -26,6 +30,7 @@ from detector.structures import Boxes, Instances  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TV_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")
+MODELS = ("retinanet", "efficientdet")
 
 
 def build_pair(size, num_classes=91, seed=0):
@@ -71,20 +76,6 @@ def make_inputs(batch, size, seed=1):
     return images, tv_targets, ours
 
 
-def time_pair(fn_a, fn_b, iters, warmup):
-    """Median seconds of two functions, run alternately so machine noise hits both alike."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    samples_a, samples_b = [], []
-    for _ in range(iters):
-        for fn, samples in ((fn_a, samples_a), (fn_b, samples_b)):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples_a), statistics.median(samples_b)
-
-
 def check_outputs_match(tv, ours, images, our_inputs):
     tv.eval()
     ours.eval()
@@ -100,25 +91,13 @@ def check_outputs_match(tv, ours, images, our_inputs):
     return worst
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=512, help="square input size (multiple of 128)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-batch", type=int, default=1)
-    parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--json", default="", help="write the figures to this file")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+def run_retinanet(args) -> dict:
+    """Time torchvision's RetinaNet and ours; print the table; return the rows."""
     tv, ours = build_pair(args.size)
     images, tv_targets, our_inputs = make_inputs(max(args.infer_batch, args.train_batch), args.size)
-    max_score_diff = check_outputs_match(tv, ours, images[: args.infer_batch],
-                                         our_inputs[: args.infer_batch])
-    print(f"max |score difference| between implementations: {max_score_diff:.2e}")
+    bi, bt = args.infer_batch, args.train_batch
+    max_score_diff = check_outputs_match(tv, ours, images[:bi], our_inputs[:bi])
+    print(f"RetinaNet: max |score difference| between implementations: {max_score_diff:.2e}")
 
     def infer(model, inputs):
         def run():
@@ -128,44 +107,63 @@ def main(argv=None):
 
     tv.eval()
     ours.eval()
-    bi = args.infer_batch
     our_eval_inputs = [{k: v for k, v in d.items() if k != "instances"} for d in our_inputs[:bi]]
-    t_tv_inf, t_our_inf = time_pair(infer(tv, images[:bi]), infer(ours, our_eval_inputs),
-                                    args.iters, args.warmup)
-    t_tv_inf, t_our_inf = t_tv_inf / bi, t_our_inf / bi
+    infer_seconds = time_pair(infer(tv, images[:bi]), infer(ours, our_eval_inputs),
+                              args.iters, args.warmup)
 
-    bt = args.train_batch
     opt_tv = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6)
     opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)
-
-    def train(model, opt, fn):
-        def run():
-            losses = fn()
-            total = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-        return run
-
     tv.train()
     ours.train()
-    t_tv_train, t_our_train = time_pair(
-        train(tv, opt_tv, lambda: tv(images[:bt], tv_targets[:bt])),
-        train(ours, opt_ours, lambda: ours(our_inputs[:bt])), args.iters, args.warmup)
+    train_seconds = time_pair(
+        train_step(opt_tv, lambda: tv(images[:bt], tv_targets[:bt])),
+        train_step(opt_ours, lambda: ours(our_inputs[:bt])), args.iters, args.warmup)
 
-    rows = {
-        "inference_ms_per_img": (t_tv_inf * 1000, t_our_inf * 1000, t_tv_inf / t_our_inf),
-        "train_img_per_s": (bt / t_tv_train, bt / t_our_train, t_tv_train / t_our_train),
-    }
-    print(f"RetinaNet R-50-FPN, {args.size}x{args.size}, threads={torch.get_num_threads()}, "
-          f"median of {args.iters} after {args.warmup} warm-up")
-    print(f"{'metric':<24}{'torchvision':>14}{'detector':>14}{'ratio (ours faster >1)':>26}")
-    for name, (a, b, r) in rows.items():
-        print(f"{name:<24}{a:>14.2f}{b:>14.2f}{r:>26.3f}")
+    rows = speed_rows(infer_seconds, bi, train_seconds, bt)
+    print_rows(f"RetinaNet R-50-FPN, {args.size}x{args.size}, inference batch {bi}, train batch "
+               f"{bt}, threads={torch.get_num_threads()}, median of {args.iters} alternating runs "
+               f"after {args.warmup} warm-up", "torchvision", rows)
+    return {"rows": rows, "max_score_diff": max_score_diff, "reference": "torchvision"}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS + ("all",), default="all")
+    parser.add_argument("--size", type=int, default=512, help="square input size (multiple of 128)")
+    parser.add_argument("--variant", type=int, default=0, help="EfficientDet-D<variant> (0..7)")
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--infer-batch", type=int, default=1)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--json", default="", help="write the figures to this file")
+    args = parser.parse_args(argv)
+    if args.size % 128:
+        parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    results = {}
+    if args.model in ("retinanet", "all"):
+        results["RetinaNet R-50-FPN"] = run_retinanet(args)
+    if args.model in ("efficientdet", "all"):
+        from benchmark_effdet import run_efficientdet
+
+        args.profile, args.effdet_loader_labels, args.opts = False, False, []
+        results[f"EfficientDet-D{args.variant}"] = run_efficientdet(args)
+    print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.size}")
+    print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}")
+    for name, res in results.items():
+        rows = res["rows"]
+        print(f"{name:<22}{res['reference']:>13}{rows['inference_ms_per_img'][2]:>11.2f}"
+              f"{rows['train_img_per_s'][2]:>9.2f}{res['max_score_diff']:>16.1e}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: dict(zip(("torchvision", "detector", "ratio"), v)) for k, v in rows.items()}
-                      | {"max_score_diff": max_score_diff}, f, indent=1)
+        write_json(args.json, {
+            name: {**{k: dict(zip((res["reference"], "detector", "ratio"), v))
+                      for k, v in res["rows"].items()}, "max_score_diff": res["max_score_diff"]}
+            for name, res in results.items()})
+    return results
 
 
 if __name__ == "__main__":

@@ -6,23 +6,30 @@
 
 effdet runs as its benches: ``DetBenchPredict`` on the already normalised batch (inference) and
 ``DetBenchTrain`` with its anchor labeler (training; both models label anchors inside the step).
-effdet's own training script labels anchors in data-loader workers instead; ``--effdet-loader-labels``
-times that setting (labels computed once, outside the timed step), which flatters effdet. Ours takes the uint8 images and does
-normalisation, padding, labeling, losses and postprocessing itself. Timings alternate between the
+effdet's own training script labels anchors in data-loader workers instead;
+``--effdet-loader-labels`` times that setting (labels computed once, outside the timed step),
+which flatters effdet. Ours takes the uint8 images and does normalisation, padding, labeling,
+losses and postprocessing itself. Timings alternate between the
 two models iteration by iteration and report medians, so load from other processes affects both
 alike. Detections are compared first: a speedup that changes results is a bug.
 """
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from benchmark_common import (  # noqa: E402
+    print_rows,
+    profile,
+    speed_rows,
+    time_pair,
+    train_step,
+    write_json,
+)
 from detector.checkpoint.effdet_convert import convert_effdet_state_dict  # noqa: E402
 from detector.config import get_cfg  # noqa: E402
 from detector.modeling import build_model  # noqa: E402
@@ -88,40 +95,6 @@ def check_outputs_match(bench, ours, images, our_inputs, target) -> float:
     return worst
 
 
-def time_pair(fn_a, fn_b, iters: int, warmup: int):
-    """Medians of alternating runs of two functions."""
-    for _ in range(warmup):
-        fn_a()
-        fn_b()
-    a, b = [], []
-    for _ in range(iters):
-        for fn, samples in ((fn_a, a), (fn_b, b)):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(a), statistics.median(b)
-
-
-def train_step(model, optimizer, forward):
-    def run():
-        losses = forward()
-        total = losses["loss"] if "loss" in losses else sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-    return run
-
-
-def profile(name, fn, rows: int = 25):
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-
-    fn()
-    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    print(f"=== {name}")
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -143,6 +116,16 @@ def main(argv=None):
         parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    results = run_efficientdet(args)
+    if args.json:
+        write_json(args.json, {**{k: dict(zip(("effdet", "detector", "ratio"), v))
+                                  for k, v in results["rows"].items()},
+                               "max_score_diff": results["max_score_diff"]})
+    return results
+
+
+def run_efficientdet(args) -> dict:
+    """Time effdet's EfficientDet-D<args.variant> and ours; print the table; return the rows."""
     from effdet.bench import DetBenchPredict, DetBenchTrain
 
     theirs, ours = build_pair(args.variant, args.size, opts=args.opts)
@@ -153,7 +136,7 @@ def main(argv=None):
     bi, bt = args.infer_batch, args.train_batch
     info = {k: v[:bi] for k, v in target.items() if k in ("img_scale", "img_size")}
     max_score_diff = check_outputs_match(predict, ours, images[:bi], our_inputs[:bi], info)
-    print(f"max |score difference| between implementations: {max_score_diff:.2e}")
+    print(f"EfficientDet: max |score difference| between implementations: {max_score_diff:.2e}")
 
     their_x = normalized(ours, images[:bi])
     our_eval_inputs = [{k: v for k, v in d.items() if k != "instances"} for d in our_inputs[:bi]]
@@ -171,7 +154,7 @@ def main(argv=None):
     if args.profile:
         profile("effdet inference", infer_theirs)
         profile("detector inference", infer_ours)
-    t_theirs_inf, t_ours_inf = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
+    infer_seconds = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
 
     their_train_x = normalized(ours, images[:bt])
     train_target = {k: v[:bt] for k, v in target.items()}
@@ -187,33 +170,21 @@ def main(argv=None):
         train_target["label_num_positives"] = num_positives
     opt_theirs = torch.optim.SGD(trainer.parameters(), lr=1e-6, momentum=0.9)
     opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-6, momentum=0.9)
-    step_theirs = train_step(trainer, opt_theirs, lambda: trainer(their_train_x, train_target))
-    step_ours = train_step(ours, opt_ours, lambda: ours(our_inputs[:bt]))
+    step_theirs = train_step(opt_theirs, lambda: trainer(their_train_x, train_target))
+    step_ours = train_step(opt_ours, lambda: ours(our_inputs[:bt]))
     trainer.train()
     ours.train()
     if args.profile:
         profile("effdet training step", step_theirs)
         profile("detector training step", step_ours)
-    t_theirs_train, t_ours_train = time_pair(step_theirs, step_ours, args.iters, args.warmup)
+    train_seconds = time_pair(step_theirs, step_ours, args.iters, args.warmup)
 
-    rows = {
-        "inference_ms_per_img": (t_theirs_inf * 1000 / bi, t_ours_inf * 1000 / bi,
-                                 t_theirs_inf / t_ours_inf),
-        "train_img_per_s": (bt / t_theirs_train, bt / t_ours_train,
-                            t_theirs_train / t_ours_train),
-    }
+    rows = speed_rows(infer_seconds, bi, train_seconds, bt)
     labels = "effdet labels precomputed" if args.effdet_loader_labels else "both label in-step"
-    print(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, train "
-          f"batch {bt} ({labels}), threads={torch.get_num_threads()}, median of {args.iters} "
-          f"alternating runs after {args.warmup} warm-up")
-    print(f"{'metric':<24}{'effdet':>12}{'detector':>12}{'ratio (ours faster >1)':>26}")
-    for name, (a, b, r) in rows.items():
-        print(f"{name:<24}{a:>12.2f}{b:>12.2f}{r:>26.3f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({k: dict(zip(("effdet", "detector", "ratio"), v)) for k, v in rows.items()}
-                      | {"max_score_diff": max_score_diff}, f, indent=1)
-
+    print_rows(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, "
+               f"train batch {bt} ({labels}), threads={torch.get_num_threads()}, median of "
+               f"{args.iters} alternating runs after {args.warmup} warm-up", "effdet", rows)
+    return {"rows": rows, "max_score_diff": max_score_diff, "reference": "effdet"}
 
 if __name__ == "__main__":
     main()

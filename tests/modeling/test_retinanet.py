@@ -113,6 +113,22 @@ def test_inference_outputs_rescaled_to_original_size():
     torch.testing.assert_close(big.scores, same[0]["instances"].scores)
 
 
+def test_channels_last_inference_gives_the_same_detections():
+    opts = {"MODEL.RETINANET.SCORE_THRESH_TEST": "0.0", "TEST.DETECTIONS_PER_IMAGE": "20"}
+    contiguous = _model(**opts, **{"MODEL.RETINANET.CHANNELS_LAST_INFERENCE": "False"}).eval()
+    channels_last = _model(**opts).eval()
+    assert channels_last.channels_last_inference and not contiguous.channels_last_inference
+    batch = make_batch(2, (64, 96), with_instances=False)
+    with torch.no_grad():
+        expected, got = contiguous(batch), channels_last(batch)
+    for e, g in zip(expected, got):
+        e, g = e["instances"], g["instances"]
+        assert len(e) == len(g) == 20
+        torch.testing.assert_close(g.scores, e.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g.pred_boxes.tensor, e.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
+        assert torch.equal(g.pred_classes, e.pred_classes)
+
+
 def test_padding_and_normalisation():
     model = _model(**{"MODEL.PIXEL_MEAN": "[10.0, 20.0, 30.0]",
                       "MODEL.PIXEL_STD": "[2.0, 4.0, 5.0]"})

@@ -39,6 +39,7 @@ class RetinaNet(DenseDetector):
             see :func:`detector.modeling.losses.retinanet_losses`.
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
             :func:`detector.modeling.postprocessing.retinanet_inference_single_image`.
+        channels_last_inference: run inference in channels-last memory format.
     """
 
     num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
@@ -50,7 +51,8 @@ class RetinaNet(DenseDetector):
                  focal_loss_gamma: float = 2.0, bbox_reg_loss_type: str = "smooth_l1",
                  smooth_l1_beta: float = 0.1, loss_normalization: str = "batch",
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
-                 nms_thresh_test: float = 0.5, max_detections_per_image: int = 100):
+                 nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
+                 channels_last_inference: bool = True):
         super().__init__()
         if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
             raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not "
@@ -81,6 +83,7 @@ class RetinaNet(DenseDetector):
         self.topk_candidates_test = topk_candidates_test
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
+        self.channels_last_inference = channels_last_inference
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -123,13 +126,19 @@ class RetinaNet(DenseDetector):
             "topk_candidates_test": r.TOPK_CANDIDATES_TEST,
             "nms_thresh_test": r.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "channels_last_inference": r.CHANNELS_LAST_INFERENCE,
         }
 
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
         images = self.preprocess_image(batched_inputs)
-        features = self.neck(self.backbone(images.tensor))
+        x = images.tensor
+        if self.channels_last_inference and not self.training:
+            # faster oneDNN convolutions; training stays contiguous: ResNet weight gradients
+            # in channels-last differ on torch 2.14 CPU (see efficientdet.channels_last_is_safe)
+            x = x.contiguous(memory_format=torch.channels_last)
+        features = self.neck(self.backbone(x))
         features = [features[name] for name in self.in_features]
         pred_logits, pred_anchor_deltas = self.head(features)
         anchors = self.anchor_generator(features)
