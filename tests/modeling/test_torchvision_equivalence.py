@@ -105,6 +105,9 @@ def test_inference_matches_torchvision(models):
         o_boxes, o_scores, o_labels = _sorted(inst.pred_boxes.tensor, inst.scores,
                                               inst.pred_classes)
         assert torch.equal(o_labels, e_labels)
+        print(f"{len(inst)} detections on {h}x{w}: max |score diff| "
+              f"{(o_scores - e_scores).abs().max():.1e}, max |box diff| "
+              f"{(o_boxes - e_boxes).abs().max():.1e} px, labels equal")
         torch.testing.assert_close(o_scores, e_scores, atol=1e-4, rtol=0)
         torch.testing.assert_close(o_boxes, e_boxes, atol=1e-3, rtol=0)
         assert float(o_boxes[:, 2].max()) <= w and float(o_boxes[:, 3].max()) <= h
@@ -130,6 +133,10 @@ def test_training_losses_match_torchvision(models, second_image_empty):
         got = ours(_ours_inputs(images, targets))
     assert set(got) == {"loss_cls", "loss_box_reg"}
     assert float(expected["bbox_regression"]) > 0
+    for ours_key, tv_key in (("loss_cls", "classification"), ("loss_box_reg", "bbox_regression")):
+        rel = abs(float(got[ours_key]) - float(expected[tv_key])) / float(expected[tv_key])
+        print(f"{ours_key}: ours {float(got[ours_key]):.6f}, torchvision "
+              f"{float(expected[tv_key]):.6f}, relative difference {rel:.1e}")
     torch.testing.assert_close(got["loss_cls"], expected["classification"], rtol=1e-4, atol=0)
     torch.testing.assert_close(got["loss_box_reg"], expected["bbox_regression"], rtol=1e-4, atol=0)
 
