@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from detector.modeling import BoxCoder
-from detector.modeling.losses import box_regression_loss_sum, focal_loss_sum, retinanet_losses
+from detector.modeling.losses import (
+    box_regression_loss_sum,
+    focal_loss_sum,
+    retinanet_losses,
+    sparse_focal_loss_sum,
+)
 
 
 def _focal(logit, target, alpha=0.25, gamma=2.0):
@@ -96,3 +101,35 @@ def test_unknown_normalization():
     with pytest.raises(ValueError, match="LOSS_NORMALIZATION='image'"):
         retinanet_losses(logits, deltas, anchors, labels, gt_boxes, num_classes=3,
                          box_coder=BoxCoder(), normalization="image")
+
+
+@pytest.mark.parametrize("gamma", [1.5, 2.0, 0.7])
+def test_sparse_focal_loss_equals_the_generic_one(gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(600, 7, generator=g) * 4).requires_grad_()
+    labels = torch.randint(-1, 8, (600,), generator=g)  # -1 ignored, 7 background
+    logits.data[:5] = 30.0  # confident mistakes: log(1 - p) must stay exact
+    expected = focal_loss_sum(logits, labels, num_classes=7, alpha=0.25, gamma=gamma)
+    (expected_grad,) = torch.autograd.grad(expected * 3.0, logits)
+    got = sparse_focal_loss_sum(logits, labels, num_classes=7, alpha=0.25, gamma=gamma)
+    (got_grad,) = torch.autograd.grad(got * 3.0, logits)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    # autograd through (1 - p) ** gamma gives 0 * inf = nan at p == 1 for gamma < 1; the closed
+    # form has the true limit 0
+    assert torch.isfinite(got_grad).all()
+    finite = torch.isfinite(expected_grad)
+    assert finite.float().mean() > 0.99
+    torch.testing.assert_close(got_grad[finite], expected_grad[finite], rtol=1e-5, atol=1e-6)
+    assert float(got.detach()) > 5 * 30 * 0.75  # the five confident mistakes count fully
+
+
+def test_sparse_focal_loss_stays_exact_at_detector_scale():
+    """~2M logits, as a RetinaNet batch has: the sum must not drift as one long float32 dot does."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(20000, 91, generator=g) * 2 - 4.6  # the prior-probability bias
+    labels = torch.full((20000,), 91)
+    labels[torch.randint(0, 20000, (300,), generator=g)] = torch.randint(0, 91, (300,), generator=g)
+    labels[:50] = -1
+    expected = focal_loss_sum(logits.double(), labels, num_classes=91, alpha=0.25, gamma=2.0)
+    got = sparse_focal_loss_sum(logits, labels, num_classes=91, alpha=0.25, gamma=2.0)
+    assert abs(float(got) - float(expected)) / float(expected) < 1e-6
