@@ -107,11 +107,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         converted = convert(args)
-    except CheckpointError as e:  # names the file already
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (EffdetConversionError, ConfigError, OSError) as e:
-        print(f"error: {args.input}: {e}", file=sys.stderr)
+    except (EffdetConversionError, CheckpointError, ConfigError, OSError) as e:
+        message = str(e) if isinstance(e, CheckpointError) else f"{args.input}: {e}"  # names it
+        print(f"error: {message}", file=sys.stderr)
         return 1
     out_dir = os.path.dirname(os.path.abspath(args.output))
     os.makedirs(out_dir, exist_ok=True)

@@ -22,14 +22,6 @@ LAYER_TYPE = {"BN": nn.BatchNorm2d, "FrozenBN": FrozenBatchNorm2d, "SyncBN": Syn
               "GN": nn.GroupNorm, "EvoNormS0": EvoNormS0, "EvoNormB0": EvoNormB0}
 
 
-@pytest.fixture
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _cfg(norm, **overrides):
     return tiny_cfg(**{"MODEL.BACKBONE.NORM": norm, "MODEL.NECK.NORM": norm,
                        "MODEL.RETINANET.NORM": norm, "MODEL.EVONORM.NUM_GROUPS": "8",

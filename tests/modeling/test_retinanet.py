@@ -14,15 +14,6 @@ def _model(**overrides):
     return build_model(tiny_cfg(**overrides))
 
 
-@pytest.fixture
-def single_thread():
-    """Tiny convs run faster on one thread, and do not stall when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_train_step_reduces_loss_on_a_fixed_batch(single_thread):
     model = _model()
     model.train()
