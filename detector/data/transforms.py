@@ -128,6 +128,11 @@ class Augmentation(ABC):
         ...
 
 
+def _scaled_shape(h: int, w: int, scale: float) -> Tuple[int, int]:
+    """(h, w) times ``scale``, rounded, at least one pixel."""
+    return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+
+
 class ResizeShortestEdge(Augmentation):
     """Scale so the shorter side is one of ``short_edge_length`` (picked at random) while the
     longer side stays <= ``max_size`` (0 = no cap); the aspect ratio is kept."""
@@ -145,7 +150,7 @@ class ResizeShortestEdge(Augmentation):
         scale = short_edge / min(h, w)
         if max_size > 0 and max(h, w) * scale > max_size:
             scale = max_size / max(h, w)
-        return max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        return _scaled_shape(h, w, scale)
 
     def get_transform(self, image, rng):
         h, w = image.shape[:2]
@@ -175,8 +180,7 @@ class ScaleJitterCrop(Augmentation):
     def get_transform(self, image, rng):
         h, w = image.shape[:2]
         side = self.target_size * rng.uniform(self.min_scale, self.max_scale)
-        scale = min(side / h, side / w)
-        new_h, new_w = max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5))
+        new_h, new_w = _scaled_shape(h, w, min(side / h, side / w))
         resize = ResizeTransform(h, w, new_h, new_w)
         crop_h, crop_w = min(new_h, self.target_size), min(new_w, self.target_size)
         if (crop_h, crop_w) == (new_h, new_w):

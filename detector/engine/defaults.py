@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detector.checkpoint import DetectionCheckpointer
+from detector.checkpoint import CheckpointError, DetectionCheckpointer
 from detector.config import get_cfg
 from detector.data import (
     DatasetCatalog,
@@ -271,16 +271,17 @@ class DefaultTrainer(TrainerBase):
         the averaged weights are the ones loaded."""
         logger = logging.getLogger("detector")
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        ema = None
-        if cfg.SOLVER.EMA.ENABLED:
-            ema = ModelEMA(model, decay=cfg.SOLVER.EMA.DECAY)
-            checkpointer.add_checkpointable("ema", ema)
         path = (checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint()
                 else cfg.MODEL.WEIGHTS)
-        checkpointer.load(path, checkpointables=["ema"] if ema is not None else [])
-        if ema is not None:
-            if "ema" in checkpointer.restored:
-                model.load_state_dict(ema.module.state_dict())
+        rest = checkpointer.load(path, checkpointables=[])  # entries other than "model"
+        if cfg.SOLVER.EMA.ENABLED:
+            ema_state = rest.get("ema")
+            if isinstance(ema_state, dict) and "module" in ema_state:
+                try:
+                    model.load_state_dict(ema_state["module"])
+                except RuntimeError as err:
+                    raise CheckpointError(f"Checkpoint {path}: cannot load its EMA weights: "
+                                          f"{str(err).splitlines()[0]}") from None
                 logger.info("Evaluating the EMA weights of the checkpoint")
             else:
                 logger.warning("SOLVER.EMA.ENABLED but the checkpoint has no EMA weights: "
@@ -323,9 +324,8 @@ class DefaultTrainer(TrainerBase):
     def test(cls, cfg, model, evaluators=None):
         """Evaluate ``model`` on every dataset in DATASETS.TEST; returns {dataset: results}."""
         logger = logging.getLogger("detector")
-        if isinstance(model, DistributedDataParallel):
-            # ranks run different numbers of images: no DDP forward logic (collectives) wanted
-            model = model.module
+        # ranks run different numbers of images: no DDP forward logic (collectives) wanted
+        model = comm.unwrap_model(model)
         results = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)

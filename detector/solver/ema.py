@@ -15,13 +15,9 @@ from typing import Dict
 import torch
 from torch import nn
 
+from detector.utils import comm
+
 __all__ = ["ModelEMA"]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DataParallel / DistributedDataParallel."""
-    return model.module if isinstance(model, (nn.DataParallel,
-                                              nn.parallel.DistributedDataParallel)) else model
 
 
 class ModelEMA:
@@ -43,7 +39,7 @@ class ModelEMA:
     def __init__(self, model: nn.Module, decay: float = 0.9998, warmup: bool = True):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"SOLVER.EMA.DECAY={decay} must be in [0, 1)")
-        self.module = copy.deepcopy(_unwrap(model)).eval()
+        self.module = copy.deepcopy(comm.unwrap_model(model)).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = float(decay)
@@ -61,7 +57,7 @@ class ModelEMA:
     def update(self, model: nn.Module) -> None:
         """Move the average towards ``model``'s current weights."""
         decay = self.current_decay()
-        current = _unwrap(model).state_dict()
+        current = comm.unwrap_model(model).state_dict()
         averaged = self.module.state_dict()
         if current.keys() != averaged.keys():
             missing = sorted(set(averaged) ^ set(current))[:5]
@@ -83,7 +79,7 @@ class ModelEMA:
     def reset(self, model: nn.Module) -> None:
         """Restart the average from ``model``'s current weights (e.g. after loading
         MODEL.WEIGHTS into it), with the warm-up from the beginning."""
-        self.module.load_state_dict(_unwrap(model).state_dict())
+        self.module.load_state_dict(comm.unwrap_model(model).state_dict())
         self.num_updates = 0
 
     def state_dict(self) -> Dict:

@@ -3,6 +3,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "unwrap_model",
     "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
     "all_gather", "gather", "reduce_dict", "all_reduce_sum",
 ]
@@ -81,3 +82,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.detach().clone()
         dist.all_reduce(total)
         return total
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper (else ``model``)."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model

@@ -1,25 +1,45 @@
 """What one-stage, anchor-based detectors (RetinaNet, EfficientDet) share: input normalisation
 and padding, checking the ground truth, and labelling anchors with a Matcher."""
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
 
+from detector.layers import ShapeSpec
 from detector.structures import Boxes, ImageList, Instances, pairwise_iou
+from detector.utils import comm
 
+from ..anchor_generator import AnchorGenerator
+from ..box_coder import BoxCoder
 from ..matcher import Matcher
 
 __all__ = ["DenseDetector"]
 
 
 class DenseDetector(nn.Module):
-    """Base of RetinaNet and EfficientDet. Subclasses call :meth:`_set_input_format` and set
-    ``num_classes``, ``anchor_matcher`` and ``num_classes_key`` (the config key named in
-    errors)."""
+    """Base of RetinaNet and EfficientDet. Subclasses call :meth:`_set_parts` and
+    :meth:`_set_input_format`, and set ``num_classes`` and ``num_classes_key`` (the config key
+    named in errors)."""
 
     num_classes: int
     anchor_matcher: Matcher
     num_classes_key = "NUM_CLASSES"
+
+    def _set_parts(self, backbone: nn.Module, neck: nn.Module, head: nn.Module,
+                   anchor_generator: AnchorGenerator, box_coder: BoxCoder,
+                   anchor_matcher: Matcher) -> Dict[str, ShapeSpec]:
+        """Keep the networks and anchor machinery; the head sees the neck's levels in increasing
+        order (``in_features``), one per anchor-generator level. Returns the neck's shapes."""
+        self.backbone, self.neck, self.head = backbone, neck, head
+        self.anchor_generator = anchor_generator
+        self.box_coder = box_coder
+        self.anchor_matcher = anchor_matcher
+        feature_shapes = neck.output_shape()
+        self.in_features = sorted(feature_shapes, key=lambda n: int(n[1:]))
+        if len(self.in_features) != anchor_generator.num_levels:
+            raise ValueError(f"The neck gives {len(self.in_features)} levels {self.in_features} "
+                             f"but the anchor generator has {anchor_generator.num_levels}")
+        return feature_shapes
 
     def _set_input_format(self, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                           size_divisibility: int) -> None:
@@ -72,6 +92,13 @@ class DenseDetector(nn.Module):
                                  f"{boxes[bad][0].tolist()} (need x2 > x1 and y2 > y1)")
             gt_instances.append(inst)
         return gt_instances
+
+    @torch.no_grad()
+    def _num_foreground_all_ranks(self, gt_labels: torch.Tensor) -> torch.Tensor:
+        """Foreground anchors of the step summed over all processes. A collective: under
+        torch.distributed every rank must call it, as every rank's training forward does."""
+        num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
+        return comm.all_reduce_sum(num_foreground.float())
 
     @torch.no_grad()
     def label_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances]):

@@ -89,15 +89,8 @@ class EfficientDet(DenseDetector):
         if topk_candidates_test <= 0:
             raise ValueError(f"MODEL.EFFICIENTDET.TOPK_CANDIDATES_TEST={topk_candidates_test} "
                              "must be positive")
-        self.backbone, self.neck, self.head = backbone, neck, head
-        self.anchor_generator = anchor_generator
-        self.box_coder = box_coder
-        self.anchor_matcher = anchor_matcher
-        feature_shapes = neck.output_shape()
-        self.in_features = sorted(feature_shapes, key=lambda n: int(n[1:]))
-        if len(self.in_features) != anchor_generator.num_levels:
-            raise ValueError(f"The neck gives {len(self.in_features)} levels {self.in_features} "
-                             f"but the anchor generator has {anchor_generator.num_levels}")
+        feature_shapes = self._set_parts(backbone, neck, head, anchor_generator, box_coder,
+                                         anchor_matcher)
         max_stride = max(s.stride for s in feature_shapes.values())
         if size_divisibility and size_divisibility % max_stride:
             raise ValueError(f"MODEL.SIZE_DIVISIBILITY={size_divisibility} must be a multiple of "
@@ -226,5 +219,4 @@ class EfficientDet(DenseDetector):
         world_size = comm.get_world_size()
         if world_size == 1:
             return None
-        num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
-        return (comm.all_reduce_sum(num_foreground.float()) + 1.0) / world_size
+        return (self._num_foreground_all_ranks(gt_labels) + 1.0) / world_size

@@ -60,17 +60,8 @@ class RetinaNet(DenseDetector):
         if loss_normalization not in LOSS_NORMALIZATIONS:
             raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{loss_normalization}' is not "
                              f"one of {LOSS_NORMALIZATIONS}")
-        self.backbone = backbone
-        self.neck = neck
-        self.head = head
-        self.anchor_generator = anchor_generator
-        self.box_coder = box_coder
-        self.anchor_matcher = anchor_matcher
-        feature_shapes = neck.output_shape()
-        self.in_features = sorted(feature_shapes, key=lambda n: int(n[1:]))
-        if len(self.in_features) != anchor_generator.num_levels:
-            raise ValueError(f"The neck gives {len(self.in_features)} levels {self.in_features} "
-                             f"but the anchor generator has {anchor_generator.num_levels}")
+        feature_shapes = self._set_parts(backbone, neck, head, anchor_generator, box_coder,
+                                         anchor_matcher)
         self.num_classes = num_classes
         self._set_input_format(pixel_mean, pixel_std, size_divisibility
                                or max(s.stride for s in feature_shapes.values()))
@@ -156,7 +147,7 @@ class RetinaNet(DenseDetector):
                 focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
                 bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
                 normalization=self.loss_normalization,
-                num_foreground_all_ranks=self._num_foreground_all_ranks(gt_labels),
+                num_foreground_all_ranks=self._batch_normalizer_all_ranks(gt_labels),
                 world_size=comm.get_world_size())
 
         results = []
@@ -171,12 +162,9 @@ class RetinaNet(DenseDetector):
             results.append({"instances": rescale_detections(detections, height, width)})
         return results
 
-    @torch.no_grad()
-    def _num_foreground_all_ranks(self, gt_labels: torch.Tensor) -> Optional[float]:
-        """Foreground anchors of the step summed over all processes, for "batch" normalisation;
-        None in a single process (the loss counts its own batch). This is a collective: under
-        torch.distributed every rank must run its training forward, as DDP training does."""
+    def _batch_normalizer_all_ranks(self, gt_labels: torch.Tensor) -> Optional[float]:
+        """Foreground anchors of the step on all processes, for "batch" normalisation; None in a
+        single process (the loss counts its own batch). Every rank must call it."""
         if self.loss_normalization != "batch" or comm.get_world_size() == 1:
             return None
-        num_foreground = ((gt_labels >= 0) & (gt_labels < self.num_classes)).sum()
-        return float(comm.all_reduce_sum(num_foreground.float()))
+        return float(self._num_foreground_all_ranks(gt_labels))
