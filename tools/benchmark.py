@@ -150,7 +150,6 @@ def main(argv=None):
     if args.model in ("efficientdet", "all"):
         from benchmark_effdet import run_efficientdet
 
-        args.profile, args.effdet_loader_labels, args.opts = False, False, []
         results[f"EfficientDet-D{args.variant}"] = run_efficientdet(args)
     print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.size}")
     print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}")

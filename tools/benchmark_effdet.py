@@ -116,7 +116,8 @@ def main(argv=None):
         parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = run_efficientdet(args)
+    results = run_efficientdet(args, profile_ops=args.profile,
+                               effdet_loader_labels=args.effdet_loader_labels, opts=args.opts)
     if args.json:
         write_json(args.json, {**{k: dict(zip(("effdet", "detector", "ratio"), v))
                                   for k, v in results["rows"].items()},
@@ -124,13 +125,15 @@ def main(argv=None):
     return results
 
 
-def run_efficientdet(args) -> dict:
-    """Time effdet's EfficientDet-D<args.variant> and ours; print the table; return the rows."""
+def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: bool = False,
+                     opts=()) -> dict:
+    """Time effdet's EfficientDet-D<args.variant> and ours (sizes, batches, iterations from
+    ``args``); print the table; return the rows."""
     from effdet.bench import DetBenchPredict, DetBenchTrain
 
-    theirs, ours = build_pair(args.variant, args.size, opts=args.opts)
+    theirs, ours = build_pair(args.variant, args.size, opts=opts)
     predict = DetBenchPredict(theirs)
-    trainer = DetBenchTrain(theirs, create_labeler=not args.effdet_loader_labels)
+    trainer = DetBenchTrain(theirs, create_labeler=not effdet_loader_labels)
     batch = max(args.infer_batch, args.train_batch)
     images, our_inputs, target = make_inputs(batch, args.size)
     bi, bt = args.infer_batch, args.train_batch
@@ -151,14 +154,14 @@ def run_efficientdet(args) -> dict:
 
     predict.eval()
     ours.eval()
-    if args.profile:
+    if profile_ops:
         profile("effdet inference", infer_theirs)
         profile("detector inference", infer_ours)
     infer_seconds = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
 
     their_train_x = normalized(ours, images[:bt])
     train_target = {k: v[:bt] for k, v in target.items()}
-    if args.effdet_loader_labels:
+    if effdet_loader_labels:
         from effdet.anchors import AnchorLabeler
 
         labeler = AnchorLabeler(trainer.anchors, NUM_CLASSES, match_threshold=0.5)
@@ -174,17 +177,18 @@ def run_efficientdet(args) -> dict:
     step_ours = train_step(opt_ours, lambda: ours(our_inputs[:bt]))
     trainer.train()
     ours.train()
-    if args.profile:
+    if profile_ops:
         profile("effdet training step", step_theirs)
         profile("detector training step", step_ours)
     train_seconds = time_pair(step_theirs, step_ours, args.iters, args.warmup)
 
     rows = speed_rows(infer_seconds, bi, train_seconds, bt)
-    labels = "effdet labels precomputed" if args.effdet_loader_labels else "both label in-step"
+    labels = "effdet labels precomputed" if effdet_loader_labels else "both label in-step"
     print_rows(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, "
                f"train batch {bt} ({labels}), threads={torch.get_num_threads()}, median of "
                f"{args.iters} alternating runs after {args.warmup} warm-up", "effdet", rows)
     return {"rows": rows, "max_score_diff": max_score_diff, "reference": "effdet"}
+
 
 if __name__ == "__main__":
     main()

@@ -111,8 +111,6 @@ def main(argv=None) -> int:
         message = str(e) if isinstance(e, CheckpointError) else f"{args.input}: {e}"  # names it
         print(f"error: {message}", file=sys.stderr)
         return 1
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
     atomic_torch_save({"model": converted}, args.output)
     logger.info("Wrote %d tensors to %s", len(converted), args.output)
     return 0

@@ -86,8 +86,10 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _atomic_write(path: str, write, mode: str) -> None:
-    """``write(f)`` into a temporary file next to ``path``, fsync, then rename over ``path``."""
+    """``write(f)`` into a temporary file next to ``path`` (its folder is created if needed),
+    fsync, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
                                     suffix=".tmp")
     try:
