@@ -25,6 +25,9 @@ _C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
 _C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 # Pad batched images to a multiple of this; 0 = the largest pyramid stride
 _C.MODEL.SIZE_DIVISIBILITY = 0
+# Background anchors covered by a crowd region (INPUT.KEEP_CROWD) by at least this fraction of
+# their area are ignored in the loss; above 1 = never
+_C.MODEL.CROWD_IGNORE_FRACTION = 0.7
 
 # ---------------------------------------------------------------------------
 # Norm layers (shared by backbone, neck and head)
@@ -56,18 +59,28 @@ _C.MODEL.BACKBONE.FREEZE_AT = 2
 _C.MODEL.BACKBONE.NORM = "FrozenBN"
 # Backbone features handed to the neck, named c<level> (stride 2**level)
 _C.MODEL.BACKBONE.OUT_FEATURES = ["c3", "c4", "c5"]
+# ImageNet weights loaded into the backbone before training when MODEL.WEIGHTS is "" (torchvision/timm
+# .pth/.safetensors, detectron2/MSRA .pkl); relative names are looked up in $DETECTOR_PRETRAINED
+_C.MODEL.BACKBONE.WEIGHTS = ""
 
 _C.MODEL.RESNETS = CN()
 # ResNet depth: 18, 34, 50 or 101
 _C.MODEL.RESNETS.DEPTH = 50
+# Stride in the first 1x1 conv of each bottleneck (MSRA/caffe weights such as detectron2's
+# R-50.pkl) instead of the 3x3 conv (torchvision, v1.5)
+_C.MODEL.RESNETS.STRIDE_IN_1X1 = False
 
 _C.MODEL.TINYNET = CN()
 # Output channels of the five stride-2 stages c1..c5 of the light demo backbone
 _C.MODEL.TINYNET.CHANNELS = [16, 32, 64, 96, 128]
 
 _C.MODEL.EFFICIENTNET = CN()
-# EfficientNet size "b0".."b7" (backbone "EfficientNet"); "" = from MODEL.EFFICIENTDET.COMPOUND_COEF
+# EfficientNet size "b0".."b7" (backbone "EfficientNet"); "" = set by EfficientDet from its
+# MODEL.EFFICIENTDET.COMPOUND_COEF (any other meta-architecture must set it)
 _C.MODEL.EFFICIENTNET.VARIANT = ""
+# "same" (TF padding, timm's tf_efficientnet) or "symmetric"; "" = MODEL.EFFICIENTDET.PADDING
+# under EfficientDet, "same" elsewhere
+_C.MODEL.EFFICIENTNET.PADDING = ""
 # Stochastic depth (drop connect) rate of the MBConv blocks, growing linearly with depth
 _C.MODEL.EFFICIENTNET.DROP_PATH_RATE = 0.2
 
@@ -89,12 +102,18 @@ _C.MODEL.NECK.MAX_LEVEL = 7
 _C.MODEL.NECK.TOP_BLOCK_IN = "p5"
 
 _C.MODEL.BIFPN = CN()
-# Channels of every BiFPN level (neck "BiFPN"); 0 = from MODEL.EFFICIENTDET.COMPOUND_COEF
+# Channels of every BiFPN level (neck "BiFPN"); 0 = set by EfficientDet from COMPOUND_COEF
 _C.MODEL.BIFPN.CHANNELS = 0
-# Number of stacked BiFPN cells; 0 = from MODEL.EFFICIENTDET.COMPOUND_COEF
+# Number of stacked BiFPN cells; 0 = set by EfficientDet from COMPOUND_COEF
 _C.MODEL.BIFPN.NUM_REPEATS = 0
-# Fusion of node inputs: "fast" (normalised ReLU weights), "attn" (softmax), "sum"; "" = from coef
+# Fusion of node inputs: "fast" (normalised ReLU weights), "attn" (softmax), "sum"; "" = set by
+# EfficientDet from COMPOUND_COEF
 _C.MODEL.BIFPN.FUSION = ""
+# Padding of the BiFPN pools and convs: "same" or "symmetric"; "" = MODEL.EFFICIENTDET.PADDING
+# under EfficientDet, "same" elsewhere
+_C.MODEL.BIFPN.PADDING = ""
+# Bias on BiFPN convs followed by a norm, as in the TF models (converted weights need it)
+_C.MODEL.BIFPN.REDUNDANT_BIAS = True
 # Norm after each BiFPN conv and input-resampling 1x1 conv: "BN", "SyncBN", "GN", ...
 _C.MODEL.BIFPN.NORM = "BN"
 # Activation before each BiFPN node conv: "swish", "relu" or "" (none)
@@ -121,6 +140,8 @@ _C.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS = False
 # RetinaNet head, matching, losses and inference
 # ---------------------------------------------------------------------------
 _C.MODEL.RETINANET = CN()
+# Registered dense head (detector.modeling.dense_heads) of the meta-architecture "RetinaNet"
+_C.MODEL.RETINANET.HEAD_NAME = "RetinaNetHead"
 # Number of foreground classes
 _C.MODEL.RETINANET.NUM_CLASSES = 80
 # Convs per branch (classification and box) before the predictor
@@ -158,11 +179,15 @@ _C.MODEL.RETINANET.CHANNELS_LAST_INFERENCE = True
 # EfficientDet (meta-architecture "EfficientDet": backbone + BiFPN + separable-conv heads)
 # ---------------------------------------------------------------------------
 _C.MODEL.EFFICIENTDET = CN()
-# Compound coefficient k of D<k> (0..7) giving backbone, BiFPN, head and anchor sizes; -1 = none
+# Compound coefficient k of D<k> (0..7): fills the backbone, BiFPN, head and anchor sizes left
+# unset (0 / ""); -1 = no compound scaling, every size set explicitly
 _C.MODEL.EFFICIENTDET.COMPOUND_COEF = 0
+# Registered dense head (detector.modeling.dense_heads) of the meta-architecture "EfficientDet"
+_C.MODEL.EFFICIENTDET.HEAD_NAME = "EfficientDetHead"
 # Number of foreground classes
 _C.MODEL.EFFICIENTDET.NUM_CLASSES = 80
-# "same" (TensorFlow padding, needed by the original weights) or "symmetric" (PyTorch, faster)
+# "same" (TensorFlow padding, needed by the original weights) or "symmetric" (PyTorch, faster):
+# the head's, and the backbone's and BiFPN's where their own PADDING is ""
 _C.MODEL.EFFICIENTDET.PADDING = "same"
 # Separable convs per head branch before the predictor; 0 = from COMPOUND_COEF
 _C.MODEL.EFFICIENTDET.NUM_HEAD_CONVS = 0
@@ -172,7 +197,7 @@ _C.MODEL.EFFICIENTDET.HEAD_NORM = "BN"
 _C.MODEL.EFFICIENTDET.HEAD_ACT = "swish"
 # Drop connect in the heads (TF survival_prob = 1 - rate): > 0 adds residuals around convs 2..n
 _C.MODEL.EFFICIENTDET.HEAD_DROP_PATH_RATE = 0.0
-# Bias on convs followed by a norm, as in the TF models (converted weights need it)
+# Bias on head convs followed by a norm, as in the TF models (converted weights need it)
 _C.MODEL.EFFICIENTDET.REDUNDANT_BIAS = True
 # Prior probability used to initialise the classification bias
 _C.MODEL.EFFICIENTDET.PRIOR_PROB = 0.01
@@ -211,6 +236,9 @@ _C.MODEL.EFFICIENTDET.CHANNELS_LAST = True
 _C.INPUT = CN()
 # Channel order of images fed to the model: "RGB" or "BGR"
 _C.INPUT.FORMAT = "RGB"
+# Keep crowd annotations in training as regions that only make anchors ignored (see
+# MODEL.CROWD_IGNORE_FRACTION); False drops them, as torchvision and effdet do
+_C.INPUT.KEEP_CROWD = True
 # Train-time resize: "shortest_edge" (MIN/MAX_SIZE_TRAIN) or "scale_jitter" (EfficientDet's
 # random scale of a MAX_SIZE_TRAIN square, then a random MAX_SIZE_TRAIN crop)
 _C.INPUT.RESIZE_MODE_TRAIN = "shortest_edge"
@@ -289,6 +317,8 @@ _C.SOLVER.WARMUP_METHOD = "linear"
 _C.SOLVER.CHECKPOINT_PERIOD = 5000
 # Periodic checkpoints kept on disk (older ones are deleted); 0 keeps all
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
+# Signals that stop training after the current iteration with a checkpoint, exit status 128+signal
+_C.SOLVER.CHECKPOINT_ON_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
 _C.SOLVER.CLIP_GRADIENTS = CN()
 # Clip gradients before the optimizer step
 _C.SOLVER.CLIP_GRADIENTS.ENABLED = False
@@ -315,7 +345,7 @@ _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0
 # Maximum detections kept per image after NMS
 _C.TEST.DETECTIONS_PER_IMAGE = 100
-# COCO evaluation backend: "pycocotools" or "faster_coco_eval"
+# COCO evaluation backend: "pycocotools" or "faster_coco_eval" (also spelled "faster-coco-eval")
 _C.TEST.COCO_EVAL_BACKEND = "pycocotools"
 
 # ---------------------------------------------------------------------------

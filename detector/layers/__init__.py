@@ -8,6 +8,16 @@ from .norm import (
     convert_frozen_batchnorm,
     convert_sync_batchnorm,
     has_batch_statistics,
+    replace_modules,
+)
+from .same_padding import PADDING_MODES, MaxPool2dPadded, check_padding_mode, conv2d_padded
+from .separable import (
+    ACTIVATIONS,
+    SeparableConv2d,
+    check_layer_norm,
+    glorot_uniform_,
+    make_activation,
+    variance_scaling_,
 )
 from .shape_spec import ShapeSpec
 
@@ -15,5 +25,8 @@ __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
-    "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics", "ShapeSpec",
+    "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
+    "replace_modules", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",
+    "ACTIVATIONS", "SeparableConv2d", "check_layer_norm", "glorot_uniform_", "make_activation",
+    "variance_scaling_", "ShapeSpec",
 ]

@@ -1,17 +1,17 @@
 """Norm registry (functions are named after the config value that selects them).
 
 NORM_REGISTRY maps a norm name to a callable
-``(channels: int, *, activation: bool, gn_groups: int, bn_momentum: float, bn_eps: float,
-evonorm_groups: int, evonorm_eps: float) -> nn.Module | None``
-returning a layer that normalizes (N, channels, H, W) feature maps, or None when the option adds
-no layer after the conv ("SN" reparametrizes the conv weight instead, see
+``(channels: int, spec: NormSpec, *, activation: bool) -> nn.Module | None``
+returning a layer that normalizes (N, channels, H, W) feature maps, reading its options (GN groups,
+BN momentum/eps, EvoNorm groups/eps...) from ``spec``, or None when the option adds no layer
+after the conv ("SN" reparametrizes the conv weight instead, see
 :func:`detector.layers.conv_norm_act`). ``activation`` says whether an activation follows the
 norm: norm-activation layers (EvoNorm) then include it and set ``applies_activation = True`` so the
 conv block drops its own; the other layers ignore it. Invalid options raise a one-line
 ValueError naming the config key.
 """
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from fvcore.common.registry import Registry
 from torch import nn
@@ -28,47 +28,49 @@ _NO_NORM = ("", None, "none")
 
 
 @NORM_REGISTRY.register()
-def BN(channels, *, bn_momentum=0.1, bn_eps=1e-5, **_):
+def BN(channels, spec, *, activation=False):
     """nn.BatchNorm2d with MODEL.BN.MOMENTUM / MODEL.BN.EPS."""
-    return nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+    return nn.BatchNorm2d(channels, eps=spec.bn_eps, momentum=spec.bn_momentum)
 
 
 @NORM_REGISTRY.register()
-def FrozenBN(channels, *, bn_eps=1e-5, **_):
+def FrozenBN(channels, spec, *, activation=False):
     """BatchNorm with fixed statistics and affine parameters (eps MODEL.BN.EPS)."""
-    return _norm.FrozenBatchNorm2d(channels, eps=bn_eps)
+    return _norm.FrozenBatchNorm2d(channels, eps=spec.bn_eps)
 
 
 @NORM_REGISTRY.register()
-def SyncBN(channels, *, bn_momentum=0.1, bn_eps=1e-5, **_):
+def SyncBN(channels, spec, *, activation=False):
     """BatchNorm over the whole process group (see SyncBatchNorm2d)."""
-    return _norm.SyncBatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum)
+    return _norm.SyncBatchNorm2d(channels, eps=spec.bn_eps, momentum=spec.bn_momentum)
 
 
 @NORM_REGISTRY.register()
-def GN(channels, *, gn_groups=32, **_):
+def GN(channels, spec, *, activation=False):
     """nn.GroupNorm with MODEL.GN.NUM_GROUPS groups."""
-    if gn_groups <= 0 or channels % gn_groups != 0:
+    if spec.gn_groups <= 0 or channels % spec.gn_groups != 0:
         raise ValueError(
-            f"GN: MODEL.GN.NUM_GROUPS={gn_groups} does not divide {channels} channels"
+            f"GN: MODEL.GN.NUM_GROUPS={spec.gn_groups} does not divide {channels} channels"
         )
-    return nn.GroupNorm(gn_groups, channels)
+    return nn.GroupNorm(spec.gn_groups, channels)
 
 
 @NORM_REGISTRY.register()
-def EvoNormS0(channels, *, activation=False, evonorm_groups=32, evonorm_eps=1e-5, **_):
+def EvoNormS0(channels, spec, *, activation=False):
     """EvoNorm-S0 with MODEL.EVONORM.NUM_GROUPS / MODEL.EVONORM.EPS."""
-    return _norm.EvoNormS0(channels, groups=evonorm_groups, eps=evonorm_eps, activation=activation)
+    return _norm.EvoNormS0(channels, groups=spec.evonorm_groups, eps=spec.evonorm_eps,
+                           activation=activation)
 
 
 @NORM_REGISTRY.register()
-def EvoNormB0(channels, *, activation=False, bn_momentum=0.1, evonorm_eps=1e-5, **_):
+def EvoNormB0(channels, spec, *, activation=False):
     """EvoNorm-B0 with running-variance momentum MODEL.BN.MOMENTUM and eps MODEL.EVONORM.EPS."""
-    return _norm.EvoNormB0(channels, momentum=bn_momentum, eps=evonorm_eps, activation=activation)
+    return _norm.EvoNormB0(channels, momentum=spec.bn_momentum, eps=spec.evonorm_eps,
+                           activation=activation)
 
 
 @NORM_REGISTRY.register()
-def SN(channels, **_):
+def SN(channels, spec, *, activation=False):
     """Spectral-normalized convs: no layer after the conv (see conv_norm_act)."""
     return None
 
@@ -82,8 +84,11 @@ def available_norms() -> List[str]:
 class NormSpec:
     """A norm choice with every option a norm layer may need; ``layer(channels)`` builds one.
 
-    ``key`` is the config key the choice came from, used in error messages. Constructing a
-    NormSpec with an unknown ``name`` raises a one-line ValueError listing the valid names.
+    Parts take one NormSpec (``norm=``) instead of a name and loose options; it is built once
+    per part by :meth:`from_config`. A new norm option is a field here, a line in
+    :meth:`from_config` and its config key, and nothing else. ``key`` is the config key the
+    choice came from, used in error messages. Constructing a NormSpec with an unknown ``name``
+    raises a one-line ValueError listing the valid names.
     """
 
     name: str = ""
@@ -93,6 +98,15 @@ class NormSpec:
     evonorm_groups: int = 32
     evonorm_eps: float = 1e-5
     key: str = "norm"
+
+    @classmethod
+    def from_config(cls, cfg, name: Optional[str], key: str) -> "NormSpec":
+        """The norm ``name`` (the value of config key ``key``) with the shared norm options of
+        ``MODEL.BN``, ``MODEL.GN`` and ``MODEL.EVONORM``."""
+        return cls("" if name is None else name, gn_groups=cfg.MODEL.GN.NUM_GROUPS,
+                   bn_momentum=cfg.MODEL.BN.MOMENTUM, bn_eps=cfg.MODEL.BN.EPS,
+                   evonorm_groups=cfg.MODEL.EVONORM.NUM_GROUPS,
+                   evonorm_eps=cfg.MODEL.EVONORM.EPS, key=key)
 
     def __post_init__(self):
         if self.name not in _NO_NORM and self.name not in NORM_REGISTRY:
@@ -118,10 +132,7 @@ class NormSpec:
         if self.is_none:
             return None
         try:
-            return NORM_REGISTRY.get(self.name)(
-                channels, activation=activation, gn_groups=self.gn_groups,
-                bn_momentum=self.bn_momentum, bn_eps=self.bn_eps,
-                evonorm_groups=self.evonorm_groups, evonorm_eps=self.evonorm_eps)
+            return NORM_REGISTRY.get(self.name)(channels, self, activation=activation)
         except ValueError as e:
             raise ValueError(f"{self.key}='{self.name}': {e}") from None
 
@@ -130,11 +141,9 @@ class NormSpec:
         return self.layer(channels, activation=activation)
 
 
-def get_norm(name: str, channels: int, *, activation: bool = False, gn_groups: int = 32,
-             bn_momentum: float = 0.1, bn_eps: float = 1e-5, evonorm_groups: int = 32,
-             evonorm_eps: float = 1e-5) -> Optional[nn.Module]:
-    """A norm layer for ``channels`` channels, or None when ``name`` adds no layer ("" or "SN").
-    An unknown name raises a one-line ValueError listing the valid names."""
-    spec = NormSpec(name, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                    evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps)
-    return spec.layer(channels, activation=activation)
+def get_norm(name: str, channels: int, *, activation: bool = False,
+             **options: Any) -> Optional[nn.Module]:
+    """A norm layer for ``channels`` channels, or None when ``name`` adds no layer ("" or "SN");
+    ``options`` are :class:`NormSpec` fields. An unknown name raises a one-line ValueError
+    listing the valid names."""
+    return NormSpec(name, **options).layer(channels, activation=activation)

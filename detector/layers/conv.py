@@ -23,9 +23,12 @@ NormLike = Union[str, NormSpec]
 _relu = partial(nn.ReLU, inplace=True)
 
 
-def as_norm_spec(norm: NormLike) -> NormSpec:
-    """``norm`` itself if it is a NormSpec, else the NormSpec of that name with default options."""
-    return norm if isinstance(norm, NormSpec) else NormSpec("" if norm is None else norm)
+def as_norm_spec(norm: NormLike, key: str = "norm") -> NormSpec:
+    """``norm`` itself if it is a NormSpec, else the NormSpec of that name with default options
+    (errors name ``key``)."""
+    if isinstance(norm, NormSpec):
+        return norm
+    return NormSpec("" if norm is None else norm, key=key)
 
 
 class ConvNormActLayers(NamedTuple):

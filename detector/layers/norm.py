@@ -9,7 +9,7 @@
 """
 import itertools
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 __all__ = [
     "FrozenBatchNorm2d", "SyncBatchNorm2d", "EvoNormS0", "EvoNormB0", "convert_frozen_batchnorm",
-    "convert_sync_batchnorm", "has_batch_statistics",
+    "convert_sync_batchnorm", "has_batch_statistics", "replace_modules",
 ]
 
 
@@ -241,10 +241,21 @@ def has_batch_statistics(layer: nn.Module) -> bool:
     return isinstance(layer, (_BatchNorm, _TVFrozenBatchNorm2d, EvoNormB0))
 
 
-def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
-    """Return ``module`` with every BatchNorm2d/SyncBatchNorm/SyncBatchNorm2d replaced by a
-    FrozenBatchNorm2d holding the same statistics and affine parameters; EvoNormB0 layers switch
-    (in place) to normalizing with their running variance."""
+def replace_modules(module: nn.Module, convert: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """``convert(module)`` if it returns a new module, else ``module`` with the same rule applied
+    to each child, recursively (the one module-swapping walk behind the converters here and
+    timm's BatchNormAct freezing in the EfficientNet backbone)."""
+    new = convert(module)
+    if new is not module:
+        return new
+    for name, child in module.named_children():
+        new_child = replace_modules(child, convert)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
     if isinstance(module, (nn.BatchNorm2d, nn.SyncBatchNorm)):
         frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
         with torch.no_grad():
@@ -257,40 +268,41 @@ def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
         return frozen
     if isinstance(module, EvoNormB0):
         module.frozen = True
-        return module
-    for name, child in module.named_children():
-        new_child = convert_frozen_batchnorm(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
     return module
+
+
+def convert_frozen_batchnorm(module: nn.Module) -> nn.Module:
+    """Return ``module`` with every BatchNorm2d/SyncBatchNorm/SyncBatchNorm2d replaced by a
+    FrozenBatchNorm2d holding the same statistics and affine parameters; EvoNormB0 layers switch
+    (in place) to normalizing with their running variance."""
+    return replace_modules(module, _frozen_copy)
+
+
+def _sync_copy(module: nn.Module, process_group) -> nn.Module:
+    if not isinstance(module, nn.BatchNorm2d) or isinstance(module, SyncBatchNorm2d):
+        return module
+    sync = SyncBatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum,
+                           affine=module.affine, track_running_stats=module.track_running_stats,
+                           process_group=process_group)
+    reference = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if reference is not None:
+        sync.to(device=reference.device)
+    with torch.no_grad():
+        if module.affine:
+            sync.weight.copy_(module.weight)
+            sync.bias.copy_(module.bias)
+            sync.weight.requires_grad_(module.weight.requires_grad)
+            sync.bias.requires_grad_(module.bias.requires_grad)
+        if module.track_running_stats:
+            sync.running_mean.copy_(module.running_mean)
+            sync.running_var.copy_(module.running_var)
+            sync.num_batches_tracked.copy_(module.num_batches_tracked)
+    sync.train(module.training)
+    return sync
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Return ``module`` with every ``nn.BatchNorm2d`` replaced by a :class:`SyncBatchNorm2d`
     with the same options, parameters (and their ``requires_grad``), buffers and train/eval
     mode."""
-    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, SyncBatchNorm2d):
-        sync = SyncBatchNorm2d(module.num_features, eps=module.eps, momentum=module.momentum,
-                               affine=module.affine,
-                               track_running_stats=module.track_running_stats,
-                               process_group=process_group)
-        reference = next(itertools.chain(module.parameters(), module.buffers()), None)
-        if reference is not None:
-            sync.to(device=reference.device)
-        with torch.no_grad():
-            if module.affine:
-                sync.weight.copy_(module.weight)
-                sync.bias.copy_(module.bias)
-                sync.weight.requires_grad_(module.weight.requires_grad)
-                sync.bias.requires_grad_(module.bias.requires_grad)
-            if module.track_running_stats:
-                sync.running_mean.copy_(module.running_mean)
-                sync.running_var.copy_(module.running_var)
-                sync.num_batches_tracked.copy_(module.num_batches_tracked)
-        sync.train(module.training)
-        return sync
-    for name, child in module.named_children():
-        new_child = convert_sync_batchnorm(child, process_group)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return replace_modules(module, lambda m: _sync_copy(m, process_group))

@@ -1,17 +1,23 @@
-"""Models: backbones, necks, anchors, matching, losses, heads and meta-architectures."""
-from .anchor_generator import AnchorGenerator
+"""Models, organised by role: backbones, necks, dense heads, anchors, matching, box coding,
+losses, postprocessing and the meta-architectures that wire them (docs/architecture.md)."""
+from .anchor_generator import AnchorGenerator, efficientdet_anchor_generator
 from .backbone import BACKBONE_REGISTRY, Backbone, build_backbone
 from .box_coder import BoxCoder
-from .losses import retinanet_losses
+from .dense_heads import DENSE_HEAD_REGISTRY, EfficientDetHead, RetinaNetHead, build_dense_head
+from .losses import efficientdet_losses, retinanet_losses
 from .matcher import Matcher
-from .meta_arch import META_ARCH_REGISTRY, RetinaNet, build_model
+from .meta_arch import META_ARCH_REGISTRY, DenseDetector, EfficientDet, RetinaNet, build_model
 from .neck import NECK_REGISTRY, build_neck
-from .postprocessing import rescale_detections, retinanet_inference_single_image
-from .retinanet_head import RetinaNetHead
+from .postprocessing import (
+    efficientdet_inference,
+    rescale_detections,
+    retinanet_inference_single_image,
+)
 
 __all__ = [
-    "AnchorGenerator", "BACKBONE_REGISTRY", "Backbone", "build_backbone", "BoxCoder",
-    "retinanet_losses", "Matcher", "META_ARCH_REGISTRY", "RetinaNet", "build_model",
-    "NECK_REGISTRY", "build_neck", "rescale_detections", "retinanet_inference_single_image",
-    "RetinaNetHead",
+    "AnchorGenerator", "efficientdet_anchor_generator", "BACKBONE_REGISTRY", "Backbone",
+    "build_backbone", "BoxCoder", "DENSE_HEAD_REGISTRY", "EfficientDetHead", "RetinaNetHead",
+    "build_dense_head", "efficientdet_losses", "retinanet_losses", "Matcher", "META_ARCH_REGISTRY",
+    "DenseDetector", "EfficientDet", "RetinaNet", "build_model", "NECK_REGISTRY", "build_neck",
+    "efficientdet_inference", "rescale_detections", "retinanet_inference_single_image",
 ]

@@ -1,4 +1,5 @@
-"""keras-retinanet style anchors: per pyramid level, base sizes x scales x ratios at every location.
+"""Every anchor generator. keras-retinanet / torchvision style: per pyramid level, base sizes x
+scales x ratios at every location; effdet style through :func:`efficientdet_anchor_generator`.
 
 Per location the anchors are ordered ratio-major (all sizes x scales of the first ratio, then the
 next ratio), which is torchvision's ``AnchorGenerator`` order, so head outputs reshaped to
@@ -17,7 +18,7 @@ from torch import nn
 
 from detector.layers import ShapeSpec
 
-__all__ = ["AnchorGenerator", "normalize_sizes_per_level"]
+__all__ = ["AnchorGenerator", "efficientdet_anchor_generator", "normalize_sizes_per_level"]
 
 
 def normalize_sizes_per_level(sizes, num_levels: int, key="MODEL.ANCHOR_GENERATOR.SIZES"):
@@ -180,3 +181,19 @@ class AnchorGenerator(nn.Module):
             "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
             "round_base_anchors": cfg.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS,
         }
+
+
+def efficientdet_anchor_generator(*, min_level: int, max_level: int, anchor_scale: float,
+                                  num_scales: int, aspect_ratios: Sequence[Sequence[float]]
+                                  ) -> AnchorGenerator:
+    """effdet's anchors: per level side ``anchor_scale * 2**level * 2**(i / num_scales)`` times
+    (width, height) multipliers, centred at ``(j + 0.5) * stride``, ordered scale-major."""
+    if anchor_scale <= 0 or num_scales <= 0:
+        raise ValueError(f"MODEL.EFFICIENTDET.ANCHOR_SCALE={anchor_scale} and NUM_SCALES="
+                         f"{num_scales} must be positive")
+    levels = range(min_level, max_level + 1)
+    return AnchorGenerator(
+        sizes=[[anchor_scale * 2 ** k] for k in levels],
+        scales=[2.0 ** (i / num_scales) for i in range(num_scales)],
+        ratios=[], strides=[2 ** k for k in levels], offset=0.5,
+        aspect_multipliers=aspect_ratios, scale_major=True)

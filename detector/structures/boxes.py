@@ -95,3 +95,17 @@ def pairwise_iou(boxes1: Boxes, boxes2: Boxes) -> torch.Tensor:
         return boxes1.tensor.new_zeros(len(boxes1), len(boxes2))
     iou = box_iou(boxes1.tensor, boxes2.tensor)
     return torch.nan_to_num(iou, nan=0.0)
+
+
+def pairwise_ioa(boxes1: Boxes, boxes2: Boxes) -> torch.Tensor:
+    """(N, M) intersection over the area of each box of ``boxes1`` ("intersection over anchor"):
+    the fraction of ``boxes1[i]`` that ``boxes2[j]`` covers; 0 where ``boxes1[i]`` has no area.
+    torchvision.ops has IoU variants but no IoA."""
+    a, b = boxes1.tensor, boxes2.tensor
+    if len(a) == 0 or len(b) == 0:
+        return a.new_zeros(len(a), len(b))
+    width = (torch.min(a[:, None, 2], b[None, :, 2]) - torch.max(a[:, None, 0], b[None, :, 0]))
+    height = (torch.min(a[:, None, 3], b[None, :, 3]) - torch.max(a[:, None, 1], b[None, :, 1]))
+    intersection = width.clamp(min=0) * height.clamp(min=0)
+    area = boxes1.area()[:, None]
+    return torch.where(area > 0, intersection / area.clamp(min=1e-12), torch.zeros_like(intersection))

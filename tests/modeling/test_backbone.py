@@ -3,7 +3,7 @@ import torch
 from fvcore.nn import FlopCountAnalysis
 from torch import nn
 
-from detector.layers import FrozenBatchNorm2d
+from detector.layers import FrozenBatchNorm2d, NormSpec
 from detector.modeling import build_backbone
 from detector.modeling.backbone import ResNetBackbone, TinyNetBackbone
 
@@ -50,7 +50,7 @@ def test_resnet_freeze_at(freeze_at, trainable):
 
 
 def test_resnet_norms_and_unbuilt_stages():
-    gn = ResNetBackbone(depth=18, norm="GN", gn_groups=16, out_features=["c3"])
+    gn = ResNetBackbone(depth=18, norm=NormSpec("GN", gn_groups=16), out_features=["c3"])
     assert isinstance(gn.bn1, nn.GroupNorm) and gn.bn1.num_groups == 16
     assert not hasattr(gn, "layer3") and not hasattr(gn, "layer4")  # above c3: not built
     assert list(gn(torch.randn(1, 3, 64, 64))) == ["c3"]

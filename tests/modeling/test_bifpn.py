@@ -7,7 +7,7 @@ from torch import nn
 from detector.config import get_cfg
 from detector.modeling import build_model
 from detector.modeling.neck.bifpn import NormalizedFusion, bifpn_graph
-from detector.modeling.same_padding import MaxPool2dPadded
+from detector.layers import MaxPool2dPadded
 from detector.solver import build_optimizer
 
 from modeling_testutils import make_batch
@@ -64,7 +64,7 @@ def test_same_max_pool_matches_timm_and_symmetric_matches_torch():
                 assert torch.equal(ours_symmetric(x), torch_symmetric(x)), (h, w)
     x = torch.randn(1, 2, 16, 16, generator=g)
     assert not torch.equal(ours_same(x), ours_symmetric(x))
-    with pytest.raises(ValueError, match="MODEL.EFFICIENTDET.PADDING='valid'"):
+    with pytest.raises(ValueError, match="padding_mode='valid' is not one of"):
         MaxPool2dPadded(3, 2, "valid")
 
 

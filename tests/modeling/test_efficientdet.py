@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 from detector.checkpoint.effdet_convert import (
-    EFFDET_COCO80_INDICES,
     EffdetConversionError,
     convert_effdet_state_dict,
     select_classes,
 )
 from detector.config import get_cfg
+from detector.data.datasets import EFFDET_COCO80_INDICES
 from detector.modeling import build_model
 from detector.structures import Boxes, Instances
 

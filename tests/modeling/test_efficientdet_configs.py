@@ -5,7 +5,6 @@ import torch
 
 from detector.config import get_cfg
 from detector.engine.train_loop import SimpleTrainer
-from detector.layers import NORM_REGISTRY
 from detector.modeling import build_model
 from detector.modeling.meta_arch.efficientdet import EfficientDet
 from detector.solver import build_optimizer
@@ -107,8 +106,6 @@ def test_resnet50_variant():
 
 
 def test_evonorm_head_variant():
-    if "EvoNormS0" not in NORM_REGISTRY:
-        pytest.skip("EvoNormS0 is not registered in detector.layers yet")
     model = _train_one_step(_cfg("EfficientDet-D0-EvoNormS0.yaml"))
     norm = model.head.cls_norms[0][0]
     assert type(norm).__name__ == "EvoNormS0" and norm.applies_activation

@@ -3,12 +3,11 @@ normalisation, batched inference."""
 import pytest
 import torch
 
-from detector.modeling.anchor_generator import AnchorGenerator
+from detector.layers import NormSpec
+from detector.modeling.anchor_generator import AnchorGenerator, efficientdet_anchor_generator
 from detector.modeling.box_coder import BoxCoder
-from detector.modeling.efficientdet_losses import efficientdet_losses
-from detector.modeling.efficientdet_postprocessing import efficientdet_inference
-from detector.modeling.losses import focal_loss_sum
-from detector.modeling.meta_arch.efficientdet import efficientdet_anchor_generator
+from detector.modeling.losses import efficientdet_losses, focal_loss_sum
+from detector.modeling.postprocessing import efficientdet_inference
 
 ASPECTS = [[1.0, 1.0], [1.4, 0.7], [0.7, 1.4]]
 
@@ -120,7 +119,7 @@ def test_batched_inference_equals_per_image_inference():
 
 
 def test_topk_over_levels_is_exact_and_falls_back():
-    from detector.modeling.efficientdet_postprocessing import topk_over_levels
+    from detector.modeling.postprocessing import topk_over_levels
 
     g = torch.Generator().manual_seed(0)
     levels = [torch.randn(2, n * 9, generator=g) - 4 for n in (4096, 1024, 256)]
@@ -146,7 +145,7 @@ def test_efficientnet_backbone_options():
 
     from detector.modeling.backbone.efficientnet import EfficientNetBackbone
 
-    backbone = EfficientNetBackbone(variant="b0", norm="BN", freeze_at=3, bn_eps=1e-3,
+    backbone = EfficientNetBackbone(variant="b0", norm=NormSpec("BN", bn_eps=1e-3), freeze_at=3,
                                     out_features=["c3", "c4", "c5"])
     shapes = backbone.output_shape()
     assert {k: (s.channels, s.stride) for k, s in shapes.items()} == {

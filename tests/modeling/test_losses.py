@@ -48,7 +48,7 @@ def test_giou_on_decoded_boxes_hand_computed():
     loss = box_regression_loss_sum("giou", pred, anchors, gt, box_coder=BoxCoder())
     expected = (1 - 1 / 3) + (1 - (0 - (300 - 200) / 300))
     assert loss.item() == pytest.approx(expected, rel=1e-5)
-    with pytest.raises(ValueError, match="BBOX_REG_LOSS_TYPE='iou'"):
+    with pytest.raises(ValueError, match="box regression loss 'iou' is not one of"):
         box_regression_loss_sum("iou", pred, anchors, gt, box_coder=BoxCoder())
 
 

@@ -8,6 +8,7 @@ from detector.layers import (
     EvoNormB0,
     EvoNormS0,
     FrozenBatchNorm2d,
+    NormSpec,
     SyncBatchNorm2d,
     convert_sync_batchnorm,
     has_batch_statistics,
@@ -83,8 +84,8 @@ def test_evonorm_replaces_relu_only_where_a_relu_was():
                                             ("EvoNormB0", True), ("GN", False),
                                             ("EvoNormS0", False), ("SN", False), ("", False)])
 def test_batch_statistics_norms_are_per_level_in_the_head(norm, per_level):
-    head = RetinaNetHead(in_channels=16, num_anchors=2, num_classes=3, num_convs=2, norm=norm,
-                         num_levels=3, gn_groups=4, evonorm_groups=4)
+    head = RetinaNetHead(in_channels=16, num_anchors=2, num_classes=3, num_convs=2,
+                         norm=NormSpec(norm, gn_groups=4, evonorm_groups=4), num_levels=3)
     assert head.norm_per_level == per_level
     keys = head.state_dict().keys()
     conv_keys = [k for k in keys if k.startswith("cls_subnet.")]
@@ -181,8 +182,8 @@ def test_resnet_blocks_take_every_norm():
     x = torch.randn(2, 3, 64, 64)
     for norm in ("SyncBN", "EvoNormS0", "EvoNormB0", "SN", ""):
         torch.manual_seed(0)
-        backbone = ResNetBackbone(depth=18, norm=norm, out_features=["c3"], freeze_at=2,
-                                  evonorm_groups=16)
+        backbone = ResNetBackbone(depth=18, norm=NormSpec(norm, evonorm_groups=16),
+                                  out_features=["c3"], freeze_at=2)
         frozen_conv, trained_conv = backbone.layer1[0].conv1, backbone.layer2[0].conv1
         u_before = [c.parametrizations.weight[0]._u.clone() for c in (frozen_conv, trained_conv)
                     if parametrize.is_parametrized(c, "weight")]

@@ -8,15 +8,15 @@ from torchvision.models.detection import retinanet_resnet50_fpn
 from torchvision.models.detection._utils import overwrite_eps
 
 from detector.checkpoint.torchvision_retinanet import (
-    COCO_CATEGORY_IDS,
     TorchvisionConversionError,
     convert_torchvision_retinanet_state_dict,
     select_classes,
 )
 from detector.config import get_cfg
+from detector.data.datasets import TORCHVISION_COCO80_INDICES
 from detector.layers import convert_frozen_batchnorm
 from detector.modeling import build_model
-from detector.modeling.common import permute_to_N_HWA_K
+from detector.modeling.dense_heads import permute_to_N_HWA_K
 from detector.structures import Boxes, Instances
 
 from modeling_testutils import CONFIGS, ROOT
@@ -187,9 +187,9 @@ def test_select_coco_classes_keeps_those_logits(models):
     tv, _, converted, images = models
     expected_ids = [i for i, name in enumerate(_COCO_CATEGORIES)
                     if name not in ("__background__", "N/A")]
-    assert list(COCO_CATEGORY_IDS) == expected_ids
+    assert list(TORCHVISION_COCO80_INDICES) == expected_ids
     ours80 = build_model(_cfg("MODEL.RETINANET.NUM_CLASSES", "80"))
-    ours80.load_state_dict(select_classes(converted, COCO_CATEGORY_IDS), strict=True)
+    ours80.load_state_dict(select_classes(converted, TORCHVISION_COCO80_INDICES), strict=True)
     ours80.eval()
     tv.eval()
     x = (images[1][None] - ours80.pixel_mean) / ours80.pixel_std
@@ -198,7 +198,7 @@ def test_select_coco_classes_keeps_those_logits(models):
         logits80 = permute_to_N_HWA_K(ours80.head([p7])[0][0], 80)
         logits91 = permute_to_N_HWA_K(tv.head.classification_head.cls_logits(
             tv.head.classification_head.conv(p7)), 91)
-    assert torch.equal(logits80, logits91[..., list(COCO_CATEGORY_IDS)])
+    assert torch.equal(logits80, logits91[..., list(TORCHVISION_COCO80_INDICES)])
 
 
 def test_convert_tool_writes_checkpoint(models, tmp_path):

@@ -10,8 +10,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from ..efficientdet_scaling import scaled_value
-from ..same_padding import check_padding_mode
+from detector.layers import NormSpec, as_norm_spec, check_padding_mode, replace_modules
+
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
 
@@ -23,26 +23,26 @@ _FEATURE_INDEX = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}
 BACKBONE_NORMS = ("BN", "FrozenBN", "SyncBN")
 
 
+def _frozen_bn_act(module: nn.Module) -> nn.Module:
+    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
+
+    if not isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
+        return module
+    frozen = FrozenBatchNormAct2d(module.num_features, eps=module.eps)
+    with torch.no_grad():
+        frozen.weight.copy_(module.weight)
+        frozen.bias.copy_(module.bias)
+        frozen.running_mean.copy_(module.running_mean)
+        frozen.running_var.copy_(module.running_var)
+    frozen.act, frozen.drop = module.act, module.drop
+    return frozen
+
+
 def freeze_batch_norm_act(module: nn.Module) -> nn.Module:
     """``module`` with every timm ``BatchNormAct2d`` / ``SyncBatchNormAct`` replaced by a
     ``FrozenBatchNormAct2d`` holding the same statistics, affine parameters, eps and activation
     (timm's own helper drops eps)."""
-    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
-
-    if isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
-        frozen = FrozenBatchNormAct2d(module.num_features, eps=module.eps)
-        with torch.no_grad():
-            frozen.weight.copy_(module.weight)
-            frozen.bias.copy_(module.bias)
-            frozen.running_mean.copy_(module.running_mean)
-            frozen.running_var.copy_(module.running_var)
-        frozen.act, frozen.drop = module.act, module.drop
-        return frozen
-    for name, child in module.named_children():
-        new_child = freeze_batch_norm_act(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return replace_modules(module, _frozen_bn_act)
 
 
 class EfficientNetBackbone(Backbone):
@@ -52,24 +52,25 @@ class EfficientNetBackbone(Backbone):
         out_features: subset of ``c1``..``c5``.
         drop_path_rate: stochastic depth (drop connect) rate of the MBConv blocks, linearly
             increasing with depth as in timm.
-        norm: "BN", "SyncBN" or "FrozenBN" (statistics and affine parameters fixed).
+        norm: a :class:`detector.layers.NormSpec` (or name) of "BN", "SyncBN" or "FrozenBN"
+            (statistics and affine parameters fixed); its ``bn_momentum`` and ``bn_eps`` go to
+            timm's BatchNorms (EfficientDet: 0.01 and 1e-3).
         freeze_at: 0 trains everything, 1 freezes the stem, k > 1 also the blocks up to ``c<k>``.
-        bn_momentum, bn_eps: BatchNorm hyper-parameters (EfficientDet: 0.01 and 1e-3).
     """
 
     def __init__(self, *, variant: str = "b0", padding_mode: str = "same",
                  out_features: Sequence[str] = ("c3", "c4", "c5"), drop_path_rate: float = 0.2,
-                 norm: str = "BN", freeze_at: int = 0, bn_momentum: float = 0.01,
-                 bn_eps: float = 1e-3, in_channels: int = 3):
+                 norm="BN", freeze_at: int = 0, in_channels: int = 3):
         super().__init__()
         import timm
 
         if variant not in EFFICIENTNET_VARIANTS:
             raise ValueError(f"MODEL.EFFICIENTNET.VARIANT='{variant}' is not one of "
                              f"{EFFICIENTNET_VARIANTS}")
-        check_padding_mode(padding_mode)
-        if norm not in BACKBONE_NORMS:
-            raise ValueError(f"MODEL.BACKBONE.NORM='{norm}' is not supported by the EfficientNet "
+        check_padding_mode(padding_mode, "MODEL.EFFICIENTNET.PADDING")
+        norm = as_norm_spec(norm, "MODEL.BACKBONE.NORM")
+        if norm.name not in BACKBONE_NORMS:
+            raise ValueError(f"{norm.key}='{norm.name}' is not supported by the EfficientNet "
                              f"backbone; choose from {BACKBONE_NORMS}")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"MODEL.EFFICIENTNET.DROP_PATH_RATE={drop_path_rate} must be in "
@@ -83,18 +84,18 @@ class EfficientNetBackbone(Backbone):
         self.body = timm.create_model(
             name, pretrained=False, features_only=True, in_chans=in_channels,
             out_indices=tuple(_FEATURE_INDEX[k] for k in levels), drop_path_rate=drop_path_rate,
-            bn_momentum=bn_momentum, bn_eps=bn_eps,
+            bn_momentum=norm.bn_momentum, bn_eps=norm.bn_eps,
             pad_type="same" if padding_mode == "same" else "")
         for level, info in zip(levels, self.body.feature_info.get_dicts()):
             if info["reduction"] != 2 ** level:
                 raise RuntimeError(f"timm {name} feature {info} does not have stride {2 ** level}")
             self._out_feature_channels[f"c{level}"] = int(info["num_chs"])
             self._out_feature_strides[f"c{level}"] = 2 ** level
-        if norm == "SyncBN":
+        if norm.name == "SyncBN":
             from timm.layers import convert_sync_batchnorm
 
             self.body = convert_sync_batchnorm(self.body)
-        self._freeze(freeze_at, all_frozen_bn=norm == "FrozenBN")
+        self._freeze(freeze_at, all_frozen_bn=norm.name == "FrozenBN")
 
     def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
         frozen: List[nn.Module] = []
@@ -123,22 +124,21 @@ class EfficientNetBackbone(Backbone):
     @classmethod
     def from_config(cls, cfg) -> dict:
         e = cfg.MODEL.EFFICIENTNET
+        if not e.VARIANT:
+            raise ValueError("MODEL.EFFICIENTNET.VARIANT is empty: set b0..b7 (EfficientDet sets "
+                             "it from MODEL.EFFICIENTDET.COMPOUND_COEF)")
         return {
-            "variant": scaled_value(e.VARIANT, cfg.MODEL.EFFICIENTDET.COMPOUND_COEF, "backbone",
-                                    "MODEL.EFFICIENTNET.VARIANT"),
-            "padding_mode": cfg.MODEL.EFFICIENTDET.PADDING,
+            "variant": e.VARIANT,
+            "padding_mode": e.PADDING or "same",
             "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
             "drop_path_rate": e.DROP_PATH_RATE,
-            "norm": cfg.MODEL.BACKBONE.NORM,
+            "norm": NormSpec.from_config(cfg, cfg.MODEL.BACKBONE.NORM, key="MODEL.BACKBONE.NORM"),
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
-            "bn_momentum": cfg.MODEL.BN.MOMENTUM,
-            "bn_eps": cfg.MODEL.BN.EPS,
             "in_channels": len(cfg.MODEL.PIXEL_MEAN),
         }
 
 
 @BACKBONE_REGISTRY.register()
 def EfficientNet(cfg) -> EfficientNetBackbone:
-    """EfficientNet backbone from ``MODEL.EFFICIENTNET``, ``MODEL.BACKBONE`` and the compound
-    coefficient / padding of ``MODEL.EFFICIENTDET``."""
+    """EfficientNet backbone from ``MODEL.EFFICIENTNET`` and ``MODEL.BACKBONE``."""
     return EfficientNetBackbone(**EfficientNetBackbone.from_config(cfg))

@@ -13,9 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from detector.layers import NormSpec, conv_norm_act, convert_frozen_batchnorm
+from detector.layers import NormSpec, as_norm_spec, conv_norm_act, convert_frozen_batchnorm
 
-from ..common import norm_factory, norm_options_from_config
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
 
@@ -56,15 +55,17 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """1x1 reduce, 3x3 (strided), 1x1 expand (x4) with a residual, then ReLU (ResNet-50/101)."""
+    """1x1 reduce, 3x3 (strided), 1x1 expand (x4) with a residual, then ReLU (ResNet-50/101).
+    ``stride_in_1x1`` moves the stride to the first 1x1 conv (MSRA/caffe ResNets)."""
 
     expansion = 4
 
     def __init__(self, in_channels: int, channels: int, *, stride: int = 1, norm: NormSpec,
-                 downsample: Optional[nn.Module] = None):
+                 downsample: Optional[nn.Module] = None, stride_in_1x1: bool = False):
         super().__init__()
-        self.conv1, self.bn1, self.act1 = _parts(in_channels, channels, 1, 1, norm)
-        self.conv2, self.bn2, self.act2 = _parts(channels, channels, 3, stride, norm)
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1, self.bn1, self.act1 = _parts(in_channels, channels, 1, stride_1x1, norm)
+        self.conv2, self.bn2, self.act2 = _parts(channels, channels, 3, stride_3x3, norm)
         self.conv3, self.bn3, _ = _parts(channels, channels * 4, 1, 1, norm, activation=False)
         self.downsample = downsample
         self.relu = nn.ReLU(inplace=True)
@@ -87,14 +88,16 @@ def downsample_block(in_channels: int, out_channels: int, stride: int,
 
 
 def make_stage(block, in_channels: int, channels: int, num_blocks: int, stride: int,
-               norm: NormSpec) -> nn.Sequential:
+               norm: NormSpec, **block_kwargs) -> nn.Sequential:
     """``num_blocks`` blocks; the first one strides and projects the shortcut when needed."""
     out_channels = channels * block.expansion
     downsample = None
     if stride != 1 or in_channels != out_channels:
         downsample = downsample_block(in_channels, out_channels, stride, norm)
-    blocks = [block(in_channels, channels, stride=stride, norm=norm, downsample=downsample)]
-    blocks += [block(out_channels, channels, norm=norm) for _ in range(num_blocks - 1)]
+    blocks = [block(in_channels, channels, stride=stride, norm=norm, downsample=downsample,
+                    **block_kwargs)]
+    blocks += [block(out_channels, channels, norm=norm, **block_kwargs)
+               for _ in range(num_blocks - 1)]
     return nn.Sequential(*blocks)
 
 
@@ -123,16 +126,17 @@ class ResNetBackbone(Backbone):
 
     Args:
         depth: 18, 34, 50 or 101.
-        norm: norm name for every conv (see :func:`detector.layers.available_norms`).
+        norm: norm of every conv, a :class:`detector.layers.NormSpec` (or a name, see
+            :func:`detector.layers.available_norms`).
         out_features: subset of ``c2``..``c5`` to return; stages above the highest are not built.
         freeze_at: 0 trains everything, 1 freezes the stem, k freezes the stem and ``c2``..``c<k>``.
-        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
+        stride_in_1x1: bottlenecks stride in their first 1x1 conv (MSRA/caffe weights, e.g.
+            detectron2's R-50.pkl) instead of the 3x3 (torchvision).
     """
 
-    def __init__(self, *, depth: int = 50, norm: str = "FrozenBN",
+    def __init__(self, *, depth: int = 50, norm="FrozenBN",
                  out_features: List[str] = ("c3", "c4", "c5"), freeze_at: int = 0,
-                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
+                 stride_in_1x1: bool = False):
         super().__init__()
         if depth not in _DEPTHS:
             raise ValueError(f"MODEL.RESNETS.DEPTH={depth} is not supported; choose from "
@@ -140,10 +144,12 @@ class ResNetBackbone(Backbone):
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in [0, 5]")
         self.out_features = check_out_features(out_features, ["c2", "c3", "c4", "c5"])
-        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
-                            key="MODEL.BACKBONE.NORM") or NormSpec("")
+        spec = as_norm_spec(norm, "MODEL.BACKBONE.NORM")
         block, num_blocks = _DEPTHS[depth]
+        if stride_in_1x1 and block is not Bottleneck:
+            raise ValueError(f"MODEL.RESNETS.STRIDE_IN_1X1 needs bottleneck blocks (depth >= 50), "
+                             f"got depth {depth}")
+        block_kwargs = {"stride_in_1x1": True} if stride_in_1x1 else {}
 
         self.conv1, self.bn1, self.relu = _parts(3, 64, 7, 2, spec)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
@@ -153,7 +159,8 @@ class ResNetBackbone(Backbone):
         for i, (level, name) in enumerate(zip(range(2, top_level + 1), self.stage_names)):
             channels = 64 * 2 ** i
             self.add_module(name, make_stage(block, in_channels, channels, num_blocks[i],
-                                             stride=1 if i == 0 else 2, norm=spec))
+                                             stride=1 if i == 0 else 2, norm=spec,
+                                             **block_kwargs))
             in_channels = channels * block.expansion
             self._out_feature_channels[f"c{level}"] = in_channels
             self._out_feature_strides[f"c{level}"] = 2 ** level
@@ -181,10 +188,10 @@ class ResNetBackbone(Backbone):
     def from_config(cls, cfg) -> dict:
         return {
             "depth": cfg.MODEL.RESNETS.DEPTH,
-            "norm": cfg.MODEL.BACKBONE.NORM,
+            "norm": NormSpec.from_config(cfg, cfg.MODEL.BACKBONE.NORM, key="MODEL.BACKBONE.NORM"),
             "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
-            **norm_options_from_config(cfg),
+            "stride_in_1x1": cfg.MODEL.RESNETS.STRIDE_IN_1X1,
         }
 
 

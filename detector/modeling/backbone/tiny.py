@@ -8,9 +8,8 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from detector.layers import ConvNormAct, NormSpec
+from detector.layers import ConvNormAct, NormSpec, as_norm_spec
 
-from ..common import norm_factory, norm_options_from_config
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
 from .resnet import BasicBlock, downsample_block, freeze_module, kaiming_fan_out_
@@ -21,16 +20,15 @@ __all__ = ["TinyNetBackbone", "TinyNet"]
 class TinyNetBackbone(Backbone):
     """Args:
         channels: output channels of the five stages c1..c5.
-        norm: norm name (see :func:`detector.layers.available_norms`).
+        norm: a :class:`detector.layers.NormSpec` (or a name, see
+            :func:`detector.layers.available_norms`).
         out_features: subset of ``c1``..``c5`` to return; stages above the highest are not built.
         freeze_at: freeze the first ``freeze_at`` stages (0 = train everything).
-        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
     """
 
-    def __init__(self, *, channels: Sequence[int] = (16, 32, 64, 96, 128), norm: str = "BN",
+    def __init__(self, *, channels: Sequence[int] = (16, 32, 64, 96, 128), norm="BN",
                  out_features: List[str] = ("c3", "c4", "c5"), freeze_at: int = 0,
-                 in_channels: int = 3, gn_groups: int = 32, bn_momentum: float = 0.1,
-                 bn_eps: float = 1e-5, evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
+                 in_channels: int = 3):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) != 5 or min(channels) <= 0:
@@ -39,9 +37,7 @@ class TinyNetBackbone(Backbone):
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"MODEL.BACKBONE.FREEZE_AT={freeze_at} must be in [0, 5]")
         self.out_features = check_out_features(out_features, [f"c{k}" for k in range(1, 6)])
-        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
-                            key="MODEL.BACKBONE.NORM") or NormSpec("")
+        spec = as_norm_spec(norm, "MODEL.BACKBONE.NORM")
 
         top_level = int(self.out_features[-1][1:])
         stages = [ConvNormAct(in_channels, channels[0], 3, stride=2, norm=spec,
@@ -69,11 +65,10 @@ class TinyNetBackbone(Backbone):
     def from_config(cls, cfg) -> dict:
         return {
             "channels": list(cfg.MODEL.TINYNET.CHANNELS),
-            "norm": cfg.MODEL.BACKBONE.NORM,
+            "norm": NormSpec.from_config(cfg, cfg.MODEL.BACKBONE.NORM, key="MODEL.BACKBONE.NORM"),
             "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
             "in_channels": len(cfg.MODEL.PIXEL_MEAN),
-            **norm_options_from_config(cfg),
         }
 
 

@@ -1,7 +1,8 @@
 from .build import META_ARCH_REGISTRY, build_model
+from .dense_detector import DenseDetector
 
-# imported for its registration
+# imported for their registrations
 from .retinanet import RetinaNet  # noqa: E402
-from .efficientdet import EfficientDet  # noqa: E402,F401
+from .efficientdet import EfficientDet  # noqa: E402
 
-__all__ = ["META_ARCH_REGISTRY", "build_model", "RetinaNet"]
+__all__ = ["META_ARCH_REGISTRY", "build_model", "DenseDetector", "RetinaNet", "EfficientDet"]

@@ -1,12 +1,13 @@
 """What one-stage, anchor-based detectors (RetinaNet, EfficientDet) share: input normalisation
-and padding, checking the ground truth, and labelling anchors with a Matcher."""
-from typing import Dict, List, Sequence
+and padding, the raw network outputs (:meth:`DenseDetector.forward_features`), checking the ground
+truth, labelling anchors with a Matcher and the multi-process loss normaliser."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from detector.layers import ShapeSpec
-from detector.structures import Boxes, ImageList, Instances, pairwise_iou
+from detector.structures import Boxes, ImageList, Instances, pairwise_ioa, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
@@ -19,11 +20,14 @@ __all__ = ["DenseDetector"]
 class DenseDetector(nn.Module):
     """Base of RetinaNet and EfficientDet. Subclasses call :meth:`_set_parts` and
     :meth:`_set_input_format`, and set ``num_classes`` and ``num_classes_key`` (the config key
-    named in errors)."""
+    named in errors). They may override :meth:`_channels_last_input` and
+    :meth:`_channels_last_features` to pick memory formats."""
 
     num_classes: int
     anchor_matcher: Matcher
     num_classes_key = "NUM_CLASSES"
+    # background anchors covered this much by crowd regions are ignored (> 1: never)
+    crowd_ignore_fraction: float = 0.7
 
     def _set_parts(self, backbone: nn.Module, neck: nn.Module, head: nn.Module,
                    anchor_generator: AnchorGenerator, box_coder: BoxCoder,
@@ -41,6 +45,12 @@ class DenseDetector(nn.Module):
                              f"but the anchor generator has {anchor_generator.num_levels}")
         return feature_shapes
 
+    def _set_crowd_ignore_fraction(self, fraction: float) -> None:
+        if not fraction > 0:
+            raise ValueError(f"MODEL.CROWD_IGNORE_FRACTION={fraction} must be > 0 (above 1: never "
+                             "ignore anchors in crowd regions)")
+        self.crowd_ignore_fraction = float(fraction)
+
     def _set_input_format(self, pixel_mean: Sequence[float], pixel_std: Sequence[float],
                           size_divisibility: int) -> None:
         if len(pixel_mean) != len(pixel_std):
@@ -56,6 +66,30 @@ class DenseDetector(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.pixel_mean.device
+
+    def _channels_last_input(self) -> bool:
+        """Whether the backbone gets its input in channels-last memory format."""
+        return False
+
+    def _channels_last_features(self) -> bool:
+        """Whether the backbone's features are made channels-last before the neck."""
+        return False
+
+    def forward_features(self, images: torch.Tensor
+                         ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """The raw network outputs of a normalised, padded (N, C, H, W) batch: per-level
+        ``pred_logits`` (N, A*K, H_l, W_l), ``pred_anchor_deltas`` (N, A*4, H_l, W_l) and the
+        pyramid feature maps the head saw, in increasing level order."""
+        if self._channels_last_input():
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone(images)
+        if self._channels_last_features():
+            features = {k: v.contiguous(memory_format=torch.channels_last)
+                        for k, v in features.items()}
+        features = self.neck(features)
+        features = [features[name] for name in self.in_features]
+        pred_logits, pred_anchor_deltas = self.head(features)
+        return pred_logits, pred_anchor_deltas, features
 
     def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
         """Move to the device, normalise, pad into one batch whose sides are multiples of
@@ -101,28 +135,53 @@ class DenseDetector(nn.Module):
         return comm.all_reduce_sum(num_foreground.float())
 
     @torch.no_grad()
+    def loss_normalizer(self, gt_labels: torch.Tensor, *, plus_one: bool
+                        ) -> Optional[torch.Tensor]:
+        """The divisor the loss functions take as ``normalizer``: None in a single process (each
+        loss counts its own batch); under data parallelism with W processes ``(F_all + 1) / W``
+        (``plus_one``, EfficientDet) or ``max(F_all, 1) / W`` (RetinaNet), with F_all the
+        foreground anchors of the step on all processes, so that DDP's averaged gradients equal
+        one process's over the whole batch. A collective: every rank must call it."""
+        world_size = comm.get_world_size()
+        if world_size == 1:
+            return None
+        num_foreground = self._num_foreground_all_ranks(gt_labels)
+        total = num_foreground + 1.0 if plus_one else num_foreground.clamp(min=1.0)
+        return total / world_size
+
+    @torch.no_grad()
     def label_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances]):
         """Per image, the label of every anchor (class, ``num_classes`` = background, -1 = ignored)
-        and its matched gt box. Anchors matched to a box with ``gt_is_crowd`` set are ignored.
+        and its matched gt box.
+
+        Crowd regions (``gt_is_crowd`` set, kept by the mapper with ``INPUT.KEEP_CROWD``) take no
+        part in the matching, so they never take anchors from real boxes; an anchor that would be
+        background but lies inside crowd regions by at least ``crowd_ignore_fraction`` of its area
+        is ignored instead of being taught "no object" on a crowd of objects.
 
         Returns (N, R) int64 labels and (N, R, 4) boxes."""
         gt_labels, matched_gt_boxes = [], []
         anchor_boxes = Boxes(anchors)
         for inst in gt_instances:
+            crowd_boxes = None
+            if inst.has("gt_is_crowd"):
+                is_crowd = inst.gt_is_crowd.to(torch.bool)
+                crowd_boxes = inst.gt_boxes[is_crowd]
+                inst = inst[~is_crowd]
             iou = pairwise_iou(inst.gt_boxes, anchor_boxes)
             matched_idxs, match_labels = self.anchor_matcher(iou)
             if len(inst) > 0:
                 labels = inst.gt_classes[matched_idxs].to(torch.int64)
                 boxes = inst.gt_boxes.tensor[matched_idxs]
-                if inst.has("gt_is_crowd"):
-                    crowd = inst.gt_is_crowd.to(torch.bool)[matched_idxs]
-                    match_labels = torch.where(crowd & (match_labels != 0),
-                                               torch.full_like(match_labels, -1), match_labels)
             else:
                 labels = torch.zeros_like(matched_idxs)
                 boxes = torch.zeros_like(anchors)
             labels[match_labels == 0] = self.num_classes
             labels[match_labels == -1] = -1
+            if crowd_boxes is not None and len(crowd_boxes) and self.crowd_ignore_fraction <= 1:
+                covered = pairwise_ioa(anchor_boxes, crowd_boxes).max(dim=1).values
+                labels[(labels == self.num_classes)
+                       & (covered >= self.crowd_ignore_fraction)] = -1
             gt_labels.append(labels)
             matched_gt_boxes.append(boxes)
         return torch.stack(gt_labels), torch.stack(matched_gt_boxes)

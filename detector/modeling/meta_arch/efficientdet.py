@@ -12,23 +12,19 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from detector.utils import comm
-
-from ..anchor_generator import AnchorGenerator
+from ..anchor_generator import AnchorGenerator, efficientdet_anchor_generator
 from ..backbone import Backbone, build_backbone
 from ..box_coder import BoxCoder
-from ..common import norm_options_from_config, permute_to_N_HWA_K
-from ..efficientdet_head import EfficientDetHead
-from ..efficientdet_losses import EFFICIENTDET_BOX_LOSS_TYPES, efficientdet_losses
-from ..efficientdet_postprocessing import efficientdet_inference
-from ..efficientdet_scaling import efficientdet_size, scaled_value
+from ..dense_heads import build_dense_head, permute_to_N_HWA_K
+from ..losses import EFFICIENTDET_BOX_LOSS_TYPES, efficientdet_losses
 from ..matcher import Matcher
 from ..neck import build_neck
-from ..postprocessing import rescale_detections
+from ..postprocessing import detections_to_outputs, efficientdet_inference
 from .build import META_ARCH_REGISTRY
 from .dense_detector import DenseDetector
+from .efficientdet_sizes import resolve_efficientdet_sizes
 
-__all__ = ["EfficientDet", "efficientdet_anchor_generator"]
+__all__ = ["EfficientDet", "channels_last_is_safe"]
 
 
 def channels_last_is_safe(module: nn.Module) -> bool:
@@ -36,22 +32,6 @@ def channels_last_is_safe(module: nn.Module) -> bool:
     gradient of such a conv on channels-last input corrupts memory in torch 2.14's CPU kernels."""
     return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
                    for m in module.modules())
-
-
-def efficientdet_anchor_generator(*, min_level: int, max_level: int, anchor_scale: float,
-                                  num_scales: int, aspect_ratios: Sequence[Sequence[float]]
-                                  ) -> AnchorGenerator:
-    """effdet's anchors: per level side ``anchor_scale * 2**level * 2**(i / num_scales)`` times
-    (width, height) multipliers, centred at ``(j + 0.5) * stride``, ordered scale-major."""
-    if anchor_scale <= 0 or num_scales <= 0:
-        raise ValueError(f"MODEL.EFFICIENTDET.ANCHOR_SCALE={anchor_scale} and NUM_SCALES="
-                         f"{num_scales} must be positive")
-    levels = range(min_level, max_level + 1)
-    return AnchorGenerator(
-        sizes=[[anchor_scale * 2 ** k] for k in levels],
-        scales=[2.0 ** (i / num_scales) for i in range(num_scales)],
-        ratios=[], strides=[2 ** k for k in levels], offset=0.5,
-        aspect_multipliers=aspect_ratios, scale_major=True)
 
 
 @META_ARCH_REGISTRY.register()
@@ -66,9 +46,10 @@ class EfficientDet(DenseDetector):
         channels_last: run the networks in channels-last memory format (the backbone only when
             :func:`channels_last_is_safe`; its features are converted).
         focal_loss_alpha, focal_loss_gamma, box_loss_type, huber_delta, box_loss_weight,
-            giou_loss_weight: see :func:`detector.modeling.efficientdet_losses.efficientdet_losses`.
+            giou_loss_weight: see :func:`detector.modeling.losses.efficientdet_losses`.
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
-            :func:`detector.modeling.efficientdet_postprocessing.efficientdet_inference`.
+            :func:`detector.modeling.postprocessing.efficientdet_inference`.
+        crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
     num_classes_key = "MODEL.EFFICIENTDET.NUM_CLASSES"
@@ -81,7 +62,8 @@ class EfficientDet(DenseDetector):
                  box_loss_type: str = "huber", huber_delta: float = 0.1,
                  box_loss_weight: float = 50.0, giou_loss_weight: float = 1.0,
                  score_thresh_test: float = 0.0, topk_candidates_test: int = 5000,
-                 nms_thresh_test: float = 0.5, max_detections_per_image: int = 100):
+                 nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
+                 crowd_ignore_fraction: float = 0.7):
         super().__init__()
         if box_loss_type not in EFFICIENTDET_BOX_LOSS_TYPES:
             raise ValueError(f"MODEL.EFFICIENTDET.BOX_LOSS_TYPE='{box_loss_type}' is not one of "
@@ -105,6 +87,7 @@ class EfficientDet(DenseDetector):
         self.topk_candidates_test = topk_candidates_test
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
+        self._set_crowd_ignore_fraction(crowd_ignore_fraction)
         self.backbone_channels_last = channels_last and channels_last_is_safe(backbone)
         if channels_last:
             for module in (neck, head) + ((backbone,) if self.backbone_channels_last else ()):
@@ -112,31 +95,20 @@ class EfficientDet(DenseDetector):
 
     @classmethod
     def from_config(cls, cfg) -> dict:
-        e, coef = cfg.MODEL.EFFICIENTDET, cfg.MODEL.EFFICIENTDET.COMPOUND_COEF
-        if coef != -1:
-            efficientdet_size(coef)  # one-line error for an unknown coefficient
+        # the one place the compound coefficient is read: the parts see explicit sizes
+        cfg = resolve_efficientdet_sizes(cfg)
+        e = cfg.MODEL.EFFICIENTDET
         backbone = build_backbone(cfg)
         neck = build_neck(cfg, backbone.output_shape())
         feature_shapes = neck.output_shape()
         names = sorted(feature_shapes, key=lambda n: int(n[1:]))
         levels = [int(n[1:]) for n in names]
         anchor_generator = efficientdet_anchor_generator(
-            min_level=levels[0], max_level=levels[-1],
-            anchor_scale=scaled_value(e.ANCHOR_SCALE, coef, "anchor_scale",
-                                      "MODEL.EFFICIENTDET.ANCHOR_SCALE"),
+            min_level=levels[0], max_level=levels[-1], anchor_scale=e.ANCHOR_SCALE,
             num_scales=e.NUM_SCALES, aspect_ratios=e.ASPECT_RATIOS)
-        channels = {s.channels for s in feature_shapes.values()}
-        if len(channels) != 1:
-            raise ValueError(f"EfficientDet's shared head needs equal channels on every level, "
-                             f"the neck gives {feature_shapes}")
-        head = EfficientDetHead(
-            in_channels=channels.pop(), num_levels=len(levels),
-            num_anchors=anchor_generator.num_anchors_per_location, num_classes=e.NUM_CLASSES,
-            num_convs=scaled_value(e.NUM_HEAD_CONVS, coef, "head_convs",
-                                   "MODEL.EFFICIENTDET.NUM_HEAD_CONVS"),
-            norm=e.HEAD_NORM, act=e.HEAD_ACT, padding_mode=e.PADDING,
-            redundant_bias=e.REDUNDANT_BIAS, prior_prob=e.PRIOR_PROB,
-            drop_path_rate=e.HEAD_DROP_PATH_RATE, **norm_options_from_config(cfg))
+        head = build_dense_head(cfg, e.HEAD_NAME, [feature_shapes[n] for n in names],
+                                anchor_generator.num_anchors_per_location,
+                                key="MODEL.EFFICIENTDET.HEAD_NAME")
         if not 0.0 < e.IOU_THRESHOLD <= 1.0:
             raise ValueError(f"MODEL.EFFICIENTDET.IOU_THRESHOLD={e.IOU_THRESHOLD} must be in "
                              "(0, 1]")
@@ -163,21 +135,14 @@ class EfficientDet(DenseDetector):
             "topk_candidates_test": e.TOPK_CANDIDATES_TEST,
             "nms_thresh_test": e.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "crowd_ignore_fraction": cfg.MODEL.CROWD_IGNORE_FRACTION,
         }
 
-    def forward_features(self, images: torch.Tensor):
-        """Raw per-level head outputs ``(pred_logits, pred_anchor_deltas)`` of a normalised,
-        padded (N, 3, H, W) batch, and the feature maps."""
-        if self.backbone_channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(images)
-        if self.channels_last and not self.backbone_channels_last:
-            features = {k: v.contiguous(memory_format=torch.channels_last)
-                        for k, v in features.items()}
-        features = self.neck(features)
-        features = [features[name] for name in self.in_features]
-        pred_logits, pred_anchor_deltas = self.head(features)
-        return pred_logits, pred_anchor_deltas, features
+    def _channels_last_input(self) -> bool:
+        return self.backbone_channels_last
+
+    def _channels_last_features(self) -> bool:
+        return self.channels_last and not self.backbone_channels_last
 
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
@@ -198,25 +163,11 @@ class EfficientDet(DenseDetector):
                 focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
                 box_loss_type=self.box_loss_type, huber_delta=self.huber_delta,
                 box_loss_weight=self.box_loss_weight, giou_loss_weight=self.giou_loss_weight,
-                normalizer=self._loss_normalizer_all_ranks(gt_labels))
+                normalizer=self.loss_normalizer(gt_labels, plus_one=True))
 
         detections = efficientdet_inference(
             pred_logits, pred_anchor_deltas, anchors, images.image_sizes,
             box_coder=self.box_coder, score_thresh=self.score_thresh_test,
             topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
             max_detections=self.max_detections_per_image)
-        results = []
-        for x, det in zip(batched_inputs, detections):
-            height, width = x.get("height", det.image_size[0]), x.get("width", det.image_size[1])
-            results.append({"instances": rescale_detections(det, height, width)})
-        return results
-
-    @torch.no_grad()
-    def _loss_normalizer_all_ranks(self, gt_labels: torch.Tensor):
-        """``(F_all + 1) / W`` under data parallelism (F_all: foreground anchors of the step on
-        all W processes), so averaged gradients equal one process's over the whole batch; None
-        (the loss's own ``F + 1``) in a single process. A collective: every rank must call it."""
-        world_size = comm.get_world_size()
-        if world_size == 1:
-            return None
-        return (self._num_foreground_all_ranks(gt_labels) + 1.0) / world_size
+        return detections_to_outputs(detections, batched_inputs)

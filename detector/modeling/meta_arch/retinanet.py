@@ -2,24 +2,21 @@
 
 Under data-parallel training the "batch" loss normaliser (foreground anchors) is summed over all
 processes, so W processes with N/W images each compute the same update as one process with N
-images (see :mod:`detector.modeling.losses`).
+images (see :mod:`detector.modeling.losses.retinanet`).
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 from torch import nn
 
-from detector.utils import comm
-
 from ..anchor_generator import AnchorGenerator
 from ..backbone import Backbone, build_backbone
 from ..box_coder import BoxCoder
-from ..common import permute_to_N_HWA_K
+from ..dense_heads import build_dense_head, permute_to_N_HWA_K
 from ..losses import BBOX_REG_LOSS_TYPES, LOSS_NORMALIZATIONS, retinanet_losses
 from ..matcher import Matcher
 from ..neck import build_neck
-from ..postprocessing import rescale_detections, retinanet_inference_single_image
-from ..retinanet_head import RetinaNetHead
+from ..postprocessing import detections_to_outputs, retinanet_inference_single_image
 from .build import META_ARCH_REGISTRY
 from .dense_detector import DenseDetector
 
@@ -40,6 +37,7 @@ class RetinaNet(DenseDetector):
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
             :func:`detector.modeling.postprocessing.retinanet_inference_single_image`.
         channels_last_inference: run inference in channels-last memory format.
+        crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
     num_classes_key = "MODEL.RETINANET.NUM_CLASSES"
@@ -52,7 +50,8 @@ class RetinaNet(DenseDetector):
                  smooth_l1_beta: float = 0.1, loss_normalization: str = "batch",
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
-                 channels_last_inference: bool = True):
+                 channels_last_inference: bool = True,
+                 crowd_ignore_fraction: float = 0.7):
         super().__init__()
         if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
             raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not "
@@ -75,6 +74,7 @@ class RetinaNet(DenseDetector):
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
         self.channels_last_inference = channels_last_inference
+        self._set_crowd_ignore_fraction(crowd_ignore_fraction)
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -82,20 +82,14 @@ class RetinaNet(DenseDetector):
         neck = build_neck(cfg, backbone.output_shape())
         feature_shapes = neck.output_shape()
         anchor_generator = AnchorGenerator(**AnchorGenerator.from_config(cfg, feature_shapes))
-        channels = {s.channels for s in feature_shapes.values()}
-        if len(channels) != 1:
-            raise ValueError(f"RetinaNet's shared head needs equal channels on every level, the "
-                             f"neck gives {feature_shapes}")
         r = cfg.MODEL.RETINANET
         if len(r.IOU_THRESHOLDS) != 2:
             raise ValueError(f"MODEL.RETINANET.IOU_THRESHOLDS={list(r.IOU_THRESHOLDS)} must be "
                              "[background_below, foreground_from]")
-        head = RetinaNetHead(
-            in_channels=channels.pop(), num_anchors=anchor_generator.num_anchors_per_location,
-            num_classes=r.NUM_CLASSES, num_convs=r.NUM_CONVS, norm=r.NORM, prior_prob=r.PRIOR_PROB,
-            gn_groups=cfg.MODEL.GN.NUM_GROUPS, bn_momentum=cfg.MODEL.BN.MOMENTUM,
-            bn_eps=cfg.MODEL.BN.EPS, num_levels=anchor_generator.num_levels,
-            evonorm_groups=cfg.MODEL.EVONORM.NUM_GROUPS, evonorm_eps=cfg.MODEL.EVONORM.EPS)
+        level_shapes = [feature_shapes[n] for n in sorted(feature_shapes, key=lambda n: int(n[1:]))]
+        head = build_dense_head(cfg, r.HEAD_NAME, level_shapes,
+                                anchor_generator.num_anchors_per_location,
+                                key="MODEL.RETINANET.HEAD_NAME")
         return {
             "backbone": backbone,
             "neck": neck,
@@ -118,20 +112,14 @@ class RetinaNet(DenseDetector):
             "nms_thresh_test": r.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "channels_last_inference": r.CHANNELS_LAST_INFERENCE,
+            "crowd_ignore_fraction": cfg.MODEL.CROWD_IGNORE_FRACTION,
         }
 
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
         images = self.preprocess_image(batched_inputs)
-        x = images.tensor
-        if self.channels_last_inference and not self.training:
-            # faster oneDNN convolutions; training stays contiguous: ResNet weight gradients
-            # in channels-last differ on torch 2.14 CPU (see efficientdet.channels_last_is_safe)
-            x = x.contiguous(memory_format=torch.channels_last)
-        features = self.neck(self.backbone(x))
-        features = [features[name] for name in self.in_features]
-        pred_logits, pred_anchor_deltas = self.head(features)
+        pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
         anchors = self.anchor_generator(features)
         # (N, H*W*A, K) and (N, H*W*A, 4) per level, the order of the anchors
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
@@ -147,24 +135,19 @@ class RetinaNet(DenseDetector):
                 focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
                 bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
                 normalization=self.loss_normalization,
-                num_foreground_all_ranks=self._batch_normalizer_all_ranks(gt_labels),
-                world_size=comm.get_world_size())
+                normalizer=(self.loss_normalizer(gt_labels, plus_one=False)
+                            if self.loss_normalization == "batch" else None))
 
-        results = []
-        for i, image_size in enumerate(images.image_sizes):
-            detections = retinanet_inference_single_image(
+        detections = [
+            retinanet_inference_single_image(
                 [x[i] for x in pred_logits], [x[i] for x in pred_anchor_deltas], anchors,
                 image_size, box_coder=self.box_coder, score_thresh=self.score_thresh_test,
                 topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
                 max_detections=self.max_detections_per_image)
-            height = batched_inputs[i].get("height", image_size[0])
-            width = batched_inputs[i].get("width", image_size[1])
-            results.append({"instances": rescale_detections(detections, height, width)})
-        return results
+            for i, image_size in enumerate(images.image_sizes)]
+        return detections_to_outputs(detections, batched_inputs)
 
-    def _batch_normalizer_all_ranks(self, gt_labels: torch.Tensor) -> Optional[float]:
-        """Foreground anchors of the step on all processes, for "batch" normalisation; None in a
-        single process (the loss counts its own batch). Every rank must call it."""
-        if self.loss_normalization != "batch" or comm.get_world_size() == 1:
-            return None
-        return float(self._num_foreground_all_ranks(gt_labels))
+    def _channels_last_input(self) -> bool:
+        # faster oneDNN convolutions; training stays contiguous: ResNet weight gradients in
+        # channels-last differ on torch 2.14 CPU (see efficientdet.channels_last_is_safe)
+        return self.channels_last_inference and not self.training

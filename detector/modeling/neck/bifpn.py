@@ -20,12 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.layers import ShapeSpec
+from detector.layers import (
+    MaxPool2dPadded,
+    NormSpec,
+    SeparableConv2d,
+    ShapeSpec,
+    as_norm_spec,
+    check_layer_norm,
+    check_padding_mode,
+    glorot_uniform_,
+    make_activation,
+)
 
-from ..common import norm_options_from_config
-from ..efficientdet_layers import SeparableConv2d, glorot_uniform_, make_activation, norm_spec
-from ..efficientdet_scaling import efficientdet_size, scaled_value
-from ..same_padding import MaxPool2dPadded, check_padding_mode
 from .build import NECK_REGISTRY
 
 __all__ = ["BiFPNNeck", "BiFPN", "NormalizedFusion", "bifpn_graph", "FUSION_METHODS"]
@@ -188,17 +194,16 @@ class BiFPNNeck(nn.Module):
         input_shape: backbone output shapes; needs ``c<min_level>``..``c5``.
         channels: width of every level. num_repeats: stacked cells.
         min_level, max_level: output levels ``p<min_level>``..``p<max_level>`` (max >= 5).
-        fusion: "fast", "attn" or "sum". norm: norm name ("" none). act: "swish", "relu", "".
+        fusion: "fast", "attn" or "sum". norm: a :class:`detector.layers.NormSpec` or a name
+            ("" none; not "SN"). act: "swish", "relu", "".
         padding_mode: "same" or "symmetric" for the pools (and convs).
         redundant_bias: keep the TF models' bias on convs followed by a norm.
     """
 
     def __init__(self, *, input_shape: Dict[str, ShapeSpec], channels: int = 64,
                  num_repeats: int = 3, min_level: int = 3, max_level: int = 7,
-                 fusion: str = "fast", norm: str = "BN", act: str = "swish",
-                 padding_mode: str = "same", redundant_bias: bool = True, gn_groups: int = 32,
-                 bn_momentum: float = 0.01, bn_eps: float = 1e-3, evonorm_groups: int = 32,
-                 evonorm_eps: float = 1e-5):
+                 fusion: str = "fast", norm="BN", act: str = "swish",
+                 padding_mode: str = "same", redundant_bias: bool = True):
         super().__init__()
         if not 1 <= min_level <= 5 or max_level < 5:
             raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: the BiFPN "
@@ -208,7 +213,7 @@ class BiFPNNeck(nn.Module):
                              "be positive")
         if fusion not in FUSION_METHODS:
             raise ValueError(f"MODEL.BIFPN.FUSION='{fusion}' is not one of {FUSION_METHODS}")
-        check_padding_mode(padding_mode)
+        check_padding_mode(padding_mode, "MODEL.BIFPN.PADDING")
         self.backbone_levels = list(range(min_level, 6))
         missing = [f"c{k}" for k in self.backbone_levels if f"c{k}" not in input_shape]
         if missing:
@@ -220,9 +225,7 @@ class BiFPNNeck(nn.Module):
                 raise ValueError(f"Backbone feature c{k} has stride {input_shape[f'c{k}'].stride}, "
                                  f"expected {2 ** k}")
         self.min_level, self.max_level, self.channels = min_level, max_level, channels
-        spec = norm_spec(norm, key="MODEL.BIFPN.NORM", gn_groups=gn_groups,
-                         bn_momentum=bn_momentum, bn_eps=bn_eps, evonorm_groups=evonorm_groups,
-                         evonorm_eps=evonorm_eps)
+        spec = check_layer_norm(as_norm_spec(norm, "MODEL.BIFPN.NORM"))
         in_channels = [input_shape[f"c{k}"].channels for k in self.backbone_levels]
         self.extra_levels = nn.ModuleDict()
         for k in range(6, max_level + 1):
@@ -262,27 +265,28 @@ class BiFPNNeck(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
-        b, coef = cfg.MODEL.BIFPN, cfg.MODEL.EFFICIENTDET.COMPOUND_COEF
-        if coef != -1:
-            efficientdet_size(coef)
+        b = cfg.MODEL.BIFPN
+        unset = [f"MODEL.BIFPN.{k}" for k in ("CHANNELS", "NUM_REPEATS", "FUSION")
+                 if b.get(k) in (0, "")]
+        if unset:
+            raise ValueError(f"{', '.join(unset)} unset: set them, or build the BiFPN through "
+                             "EfficientDet, which fills them from MODEL.EFFICIENTDET.COMPOUND_COEF")
         return {
             "input_shape": input_shape,
-            "channels": scaled_value(b.CHANNELS, coef, "bifpn_channels", "MODEL.BIFPN.CHANNELS"),
-            "num_repeats": scaled_value(b.NUM_REPEATS, coef, "bifpn_repeats",
-                                        "MODEL.BIFPN.NUM_REPEATS"),
+            "channels": b.CHANNELS,
+            "num_repeats": b.NUM_REPEATS,
             "min_level": cfg.MODEL.NECK.MIN_LEVEL,
             "max_level": cfg.MODEL.NECK.MAX_LEVEL,
-            "fusion": scaled_value(b.FUSION, coef, "fusion", "MODEL.BIFPN.FUSION"),
-            "norm": b.NORM,
+            "fusion": b.FUSION,
+            "norm": NormSpec.from_config(cfg, b.NORM, key="MODEL.BIFPN.NORM"),
             "act": b.ACT,
-            "padding_mode": cfg.MODEL.EFFICIENTDET.PADDING,
-            "redundant_bias": cfg.MODEL.EFFICIENTDET.REDUNDANT_BIAS,
-            **norm_options_from_config(cfg),
+            "padding_mode": b.PADDING or "same",
+            "redundant_bias": b.REDUNDANT_BIAS,
         }
 
 
 @NECK_REGISTRY.register()
 def BiFPN(cfg, input_shape: Dict[str, ShapeSpec]) -> BiFPNNeck:
-    """BiFPN from ``MODEL.BIFPN`` (sizes from ``MODEL.EFFICIENTDET.COMPOUND_COEF`` unless set)
-    on top of the backbone features described by ``input_shape``."""
+    """BiFPN from ``MODEL.BIFPN`` on top of the backbone features described by ``input_shape``
+    (EfficientDet fills its unset sizes from the compound coefficient first)."""
     return BiFPNNeck(**BiFPNNeck.from_config(cfg, input_shape))

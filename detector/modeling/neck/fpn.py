@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.layers import ConvNormAct, ShapeSpec
+from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec
 
-from ..common import norm_factory, norm_options_from_config
 from .build import NECK_REGISTRY
 
 __all__ = ["FeaturePyramidNetwork", "FPN"]
@@ -30,14 +29,12 @@ class FeaturePyramidNetwork(nn.Module):
         out_channels: channels of every output level.
         min_level, max_level: output levels ``p<min_level>``..``p<max_level>``.
         top_block_in: "p5" or "c5", the input of P6.
-        norm: norm of the lateral and output convs ("" for none); the top block has none.
-        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
+        norm: norm of the lateral and output convs, a :class:`detector.layers.NormSpec` or a
+            name ("" for none); the top block has none.
     """
 
     def __init__(self, *, input_shape: Dict[str, ShapeSpec], out_channels: int = 256,
-                 min_level: int = 3, max_level: int = 7, top_block_in: str = "p5", norm: str = "",
-                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
+                 min_level: int = 3, max_level: int = 7, top_block_in: str = "p5", norm=""):
         super().__init__()
         if not 1 <= min_level <= 5 or max_level < min_level:
             raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: need "
@@ -64,10 +61,7 @@ class FeaturePyramidNetwork(nn.Module):
         self.top_block_in = top_block_in
         self.out_channels = out_channels
 
-        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
-                            key="MODEL.NECK.NORM")
-        conv = partial(ConvNormAct, norm=spec, activation=None, weight_init=_init_weight_)
+        conv = partial(ConvNormAct, norm=as_norm_spec(norm, "MODEL.NECK.NORM"), activation=None, weight_init=_init_weight_)
         self.lateral_convs = nn.ModuleDict()
         self.output_convs = nn.ModuleDict()
         for k in backbone_levels:
@@ -113,8 +107,7 @@ class FeaturePyramidNetwork(nn.Module):
             "min_level": cfg.MODEL.NECK.MIN_LEVEL,
             "max_level": cfg.MODEL.NECK.MAX_LEVEL,
             "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN,
-            "norm": cfg.MODEL.NECK.NORM,
-            **norm_options_from_config(cfg),
+            "norm": NormSpec.from_config(cfg, cfg.MODEL.NECK.NORM, key="MODEL.NECK.NORM"),
         }
 
 

@@ -1,6 +1,6 @@
 """EfficientDet losses (effdet / TF EfficientDet): focal loss plus a Huber or GIoU box loss, as pure
-functions. The per-anchor terms come from :mod:`detector.modeling.losses`; what differs from
-RetinaNet is the weighting and the normaliser:
+functions. The per-anchor sums come from :mod:`.focal`; what differs from RetinaNet is the
+weighting and the normaliser:
 
 - normaliser ``F + 1`` with F the foreground anchors of the whole batch (effdet's
   ``num_positives.sum() + 1``), so a batch without objects still has a finite loss;
@@ -8,15 +8,14 @@ RetinaNet is the weighting and the normaliser:
   ``box_loss_weight`` (effdet: d = 0.1, weight 50);
 - GIoU option: ``giou_loss_weight * sum(1 - GIoU) / (F + 1)`` on decoded boxes.
 
-The focal loss is :func:`detector.modeling.losses.sparse_focal_loss_sum` over the (N * R, K)
-logits of the batch.
+The focal loss is :func:`.focal.sparse_focal_loss_sum` over the (N * R, K) logits of the batch.
 """
 from typing import Dict, List, Optional, Union
 
 import torch
 
-from .box_coder import BoxCoder
-from .losses import box_regression_loss_sum, sparse_focal_loss_sum
+from ..box_coder import BoxCoder
+from .focal import box_regression_loss_sum, sparse_focal_loss_sum
 
 __all__ = ["EFFICIENTDET_BOX_LOSS_TYPES", "efficientdet_losses"]
 
@@ -40,8 +39,9 @@ def efficientdet_losses(pred_logits: Union[torch.Tensor, List[torch.Tensor]],
         gt_labels: (N, R) int64, class in [0, K), K background, -1 ignored.
         matched_gt_boxes: (N, R, 4) ground truth box of each anchor (used where foreground).
         normalizer: the divisor to use instead of this batch's ``F + 1``; under data
-            parallelism with W processes, ``(F_all + 1) / W`` (``F_all`` summed over processes)
-            makes the averaged gradients equal those of one process seeing every image.
+            parallelism with W processes, ``(F_all + 1) / W`` (``F_all`` summed over processes,
+            :meth:`DenseDetector.loss_normalizer`) makes the averaged gradients equal those of
+            one process seeing every image.
     Returns: ``{"loss_cls", "loss_box_reg"}``; their sum is effdet's total loss.
     """
     if box_loss_type not in EFFICIENTDET_BOX_LOSS_TYPES:

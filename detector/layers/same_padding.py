@@ -18,7 +18,7 @@ __all__ = ["PADDING_MODES", "check_padding_mode", "same_padding_amounts", "MaxPo
 PADDING_MODES = ("same", "symmetric")
 
 
-def check_padding_mode(mode: str, key: str = "MODEL.EFFICIENTDET.PADDING") -> str:
+def check_padding_mode(mode: str, key: str = "padding_mode") -> str:
     """``mode`` if it is one of PADDING_MODES, else a one-line error naming ``key``."""
     if mode not in PADDING_MODES:
         raise ValueError(f"{key}='{mode}' is not one of {PADDING_MODES}")

@@ -7,13 +7,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from detector.layers import ConvNormAct, has_batch_statistics
+from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec, has_batch_statistics
 
-from .common import norm_factory
+from .build import DENSE_HEAD_REGISTRY
 
 __all__ = ["RetinaNetHead"]
 
 
+@DENSE_HEAD_REGISTRY.register()
 class RetinaNetHead(nn.Module):
     """Each subnet is ``num_convs`` x (3x3 conv [+ norm] + ReLU) followed by a 3x3 predictor.
 
@@ -22,7 +23,7 @@ class RetinaNetHead(nn.Module):
         num_anchors: anchors per location A.
         num_classes: foreground classes K.
         num_convs: convs per subnet before the predictor.
-        norm: norm of the subnet convs (see :func:`detector.layers.available_norms`). The convs
+        norm: norm of the subnet convs (a :class:`detector.layers.NormSpec`, or a name). The convs
             are shared across levels. Norms with batch statistics (BN, SyncBN, FrozenBN,
             EvoNormB0) are kept per level, as EfficientDet does, because feature statistics differ
             between levels: ``cls_norms[level][conv]`` / ``bbox_norms[level][conv]``. Per-sample
@@ -31,28 +32,23 @@ class RetinaNetHead(nn.Module):
             predictors). EvoNorm layers include the activation, so the ReLU is dropped.
         prior_prob: initial foreground probability of every class (sets the classifier bias).
         num_levels: number of pyramid levels fed to ``forward``; required by per-level norms.
-        gn_groups, bn_momentum, bn_eps, evonorm_groups, evonorm_eps: norm options.
 
     ``forward(features)`` returns raw per-level lists ``pred_logits`` (N, A*K, H, W) and
     ``pred_anchor_deltas`` (N, A*4, H, W).
     """
 
     def __init__(self, *, in_channels: int, num_anchors: int, num_classes: int, num_convs: int = 4,
-                 norm: str = "", prior_prob: float = 0.01, num_levels: Optional[int] = None,
-                 gn_groups: int = 32, bn_momentum: float = 0.1, bn_eps: float = 1e-5,
-                 evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
+                 norm="", prior_prob: float = 0.01, num_levels: Optional[int] = None):
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"MODEL.RETINANET.NUM_CLASSES={num_classes} must be positive")
         if not 0.0 < prior_prob < 1.0:
             raise ValueError(f"MODEL.RETINANET.PRIOR_PROB={prior_prob} must be in (0, 1)")
-        spec = norm_factory(norm, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                            evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps,
-                            key="MODEL.RETINANET.NORM")
-        probe = spec.layer(in_channels, activation=True) if spec is not None else None
+        spec = as_norm_spec(norm, "MODEL.RETINANET.NORM")
+        probe = spec.layer(in_channels, activation=True)
         self.norm_per_level = probe is not None and has_batch_statistics(probe)
         if self.norm_per_level and (num_levels is None or num_levels <= 0):
-            raise ValueError(f"MODEL.RETINANET.NORM='{norm}' keeps statistics per pyramid level: "
+            raise ValueError(f"{spec.key}='{spec.name}' keeps statistics per pyramid level: "
                              f"RetinaNetHead needs num_levels (got {num_levels})")
         self.num_levels = num_levels
         self.num_classes = num_classes
@@ -75,6 +71,23 @@ class RetinaNetHead(nn.Module):
             nn.init.zeros_(layer.bias)
         # every class starts at probability prior_prob, so background dominates the early loss less
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @classmethod
+    def from_config(cls, cfg, input_shapes: List[ShapeSpec], num_anchors: int) -> dict:
+        channels = {s.channels for s in input_shapes}
+        if len(channels) != 1:
+            raise ValueError(f"RetinaNetHead is shared across levels and needs equal channels on "
+                             f"every level, the neck gives {input_shapes}")
+        r = cfg.MODEL.RETINANET
+        return {
+            "in_channels": channels.pop(),
+            "num_anchors": num_anchors,
+            "num_classes": r.NUM_CLASSES,
+            "num_convs": r.NUM_CONVS,
+            "norm": NormSpec.from_config(cfg, r.NORM, key="MODEL.RETINANET.NORM"),
+            "prior_prob": r.PRIOR_PROB,
+            "num_levels": len(input_shapes),
+        }
 
     @staticmethod
     def _norms_per_level(subnet: nn.ModuleList, num_levels: int) -> nn.ModuleList:

@@ -1,4 +1,4 @@
-"""Turning RetinaNet's raw outputs into detections, and rescaling them to the original image."""
+"""Turning RetinaNet's raw per-level outputs into detections of one image."""
 from typing import List, Tuple
 
 import torch
@@ -6,9 +6,9 @@ from torchvision.ops import batched_nms
 
 from detector.structures import Boxes, Instances
 
-from .box_coder import BoxCoder
+from ..box_coder import BoxCoder
 
-__all__ = ["retinanet_inference_single_image", "rescale_detections"]
+__all__ = ["retinanet_inference_single_image"]
 
 
 def retinanet_inference_single_image(
@@ -49,19 +49,3 @@ def retinanet_inference_single_image(
     keep = batched_nms(boxes, scores, classes, nms_thresh)[:max_detections]
     return Instances(image_size, pred_boxes=Boxes(boxes[keep]), scores=scores[keep],
                      pred_classes=classes[keep])
-
-
-def rescale_detections(instances: Instances, output_height: int, output_width: int) -> Instances:
-    """Scale detections of a (resized) input image back to the original ``output_height`` x
-    ``output_width`` and clip them there."""
-    in_h, in_w = instances.image_size
-    scale_x, scale_y = output_width / in_w, output_height / in_h
-    result = Instances((output_height, output_width))
-    boxes = instances.pred_boxes.clone()
-    if (scale_x, scale_y) != (1.0, 1.0):
-        boxes.scale(scale_x, scale_y)
-    boxes.clip((output_height, output_width))
-    result.pred_boxes = boxes
-    result.scores = instances.scores
-    result.pred_classes = instances.pred_classes
-    return result

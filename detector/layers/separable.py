@@ -1,16 +1,16 @@
-"""Layers shared by the BiFPN and the EfficientDet head: separable convs, activations and the
-TensorFlow-style initialisations of the original EfficientDet."""
+"""Depthwise-separable convs, activations by name and the TensorFlow-style initialisations of the
+original EfficientDet (used by the BiFPN and the EfficientDet head, and open to any part)."""
 import math
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .common import norm_factory
+from .build import NormSpec
 from .same_padding import conv2d_padded
 
-__all__ = ["ACTIVATIONS", "make_activation", "norm_spec", "SeparableConv2d", "glorot_uniform_",
-           "variance_scaling_"]
+__all__ = ["ACTIVATIONS", "make_activation", "check_layer_norm", "SeparableConv2d",
+           "glorot_uniform_", "variance_scaling_"]
 
 ACTIVATIONS = ("swish", "relu", "")
 
@@ -27,16 +27,12 @@ def make_activation(name: str, key: str = "activation", inplace: bool = True
     raise ValueError(f"{key}='{name}' is not one of {ACTIVATIONS}")
 
 
-def norm_spec(name: str, *, key: str, gn_groups: int = 32, bn_momentum: float = 0.01,
-              bn_eps: float = 1e-3, evonorm_groups: int = 32, evonorm_eps: float = 1e-5):
-    """The :class:`detector.layers.NormSpec` of ``name`` (validated now, errors name ``key``).
-    Weight-reparametrizing options (spectral norm) are rejected: these separable convs never
-    apply them, and silently training without the norm would be wrong."""
-    spec = norm_factory(name, gn_groups=gn_groups, bn_momentum=bn_momentum, bn_eps=bn_eps,
-                        evonorm_groups=evonorm_groups, evonorm_eps=evonorm_eps, key=key)
+def check_layer_norm(spec: NormSpec) -> NormSpec:
+    """``spec`` unless it reparametrizes conv weights (spectral norm): separable convs never apply
+    those, and silently training without the norm would be wrong."""
     if spec.normalizes_conv_weight:
-        raise ValueError(f"{key}='{name}' normalizes conv weights, which EfficientDet's "
-                         "separable convs do not support; use a norm layer (BN, GN, EvoNormS0...)")
+        raise ValueError(f"{spec.key}='{spec.name}' normalizes conv weights, which separable "
+                         "convs do not support; use a norm layer (BN, GN, EvoNormS0...)")
     return spec
 
 

@@ -7,12 +7,23 @@ import torch
 from timm.layers import drop_path
 from torch import nn
 
-from .efficientdet_layers import SeparableConv2d, make_activation, norm_spec, variance_scaling_
-from .same_padding import check_padding_mode
+from detector.layers import (
+    NormSpec,
+    SeparableConv2d,
+    ShapeSpec,
+    as_norm_spec,
+    check_layer_norm,
+    check_padding_mode,
+    make_activation,
+    variance_scaling_,
+)
+
+from .build import DENSE_HEAD_REGISTRY
 
 __all__ = ["EfficientDetHead"]
 
 
+@DENSE_HEAD_REGISTRY.register()
 class EfficientDetHead(nn.Module):
     """Each branch is ``num_convs`` x (separable 3x3 conv -> per-level norm -> activation)
     followed by a separable 3x3 predictor.
@@ -20,8 +31,9 @@ class EfficientDetHead(nn.Module):
     Args:
         in_channels: channels of every level. num_levels: pyramid levels fed to ``forward``.
         num_anchors: anchors per location A. num_classes: foreground classes K.
-        norm: norm name for ``detector.layers.get_norm`` ("BN", "SyncBN", "GN", "EvoNormS0"...,
-            "" none). act: "swish", "relu" or "" (e.g. with EvoNorm, which is its own activation).
+        norm: a :class:`detector.layers.NormSpec` (or a name: "BN", "SyncBN", "GN",
+            "EvoNormS0"..., "" none); not "SN". act: "swish", "relu" or "" (e.g. with EvoNorm,
+            which is its own activation).
         drop_path_rate: drop connect of TF EfficientDet's heads: convs 2..n become residual
             blocks whose branch is dropped per sample with this probability while training.
         redundant_bias: bias on the convs followed by a norm (TF models have it).
@@ -32,11 +44,9 @@ class EfficientDetHead(nn.Module):
     """
 
     def __init__(self, *, in_channels: int, num_levels: int, num_anchors: int, num_classes: int,
-                 num_convs: int = 3, norm: str = "BN", act: str = "swish",
+                 num_convs: int = 3, norm="BN", act: str = "swish",
                  padding_mode: str = "same", redundant_bias: bool = True,
-                 prior_prob: float = 0.01, drop_path_rate: float = 0.0, gn_groups: int = 32,
-                 bn_momentum: float = 0.01, bn_eps: float = 1e-3, evonorm_groups: int = 32,
-                 evonorm_eps: float = 1e-5):
+                 prior_prob: float = 0.01, drop_path_rate: float = 0.0):
         super().__init__()
         if num_classes <= 0:
             raise ValueError(f"MODEL.EFFICIENTDET.NUM_CLASSES={num_classes} must be positive")
@@ -47,10 +57,8 @@ class EfficientDetHead(nn.Module):
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"MODEL.EFFICIENTDET.HEAD_DROP_PATH_RATE={drop_path_rate} must be "
                              "in [0, 1)")
-        check_padding_mode(padding_mode)
-        spec = norm_spec(norm, key="MODEL.EFFICIENTDET.HEAD_NORM", gn_groups=gn_groups,
-                         bn_momentum=bn_momentum, bn_eps=bn_eps, evonorm_groups=evonorm_groups,
-                         evonorm_eps=evonorm_eps)
+        check_padding_mode(padding_mode, "MODEL.EFFICIENTDET.PADDING")
+        spec = check_layer_norm(as_norm_spec(norm, "MODEL.EFFICIENTDET.HEAD_NORM"))
         self.num_classes, self.num_anchors, self.num_levels = num_classes, num_anchors, num_levels
         self.drop_path_rate = drop_path_rate
         activation = make_activation(act, "MODEL.EFFICIENTDET.HEAD_ACT")
@@ -85,6 +93,32 @@ class EfficientDetHead(nn.Module):
                     nn.init.zeros_(m.conv_pw.bias)
         # every class starts at probability prior_prob, so background dominates the early loss less
         nn.init.constant_(self.cls_score.conv_pw.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    @classmethod
+    def from_config(cls, cfg, input_shapes: List[ShapeSpec], num_anchors: int) -> dict:
+        """Sizes (``NUM_HEAD_CONVS``) must be resolved already: EfficientDet fills them from the
+        compound coefficient (:mod:`detector.modeling.meta_arch.efficientdet_sizes`)."""
+        channels = {s.channels for s in input_shapes}
+        if len(channels) != 1:
+            raise ValueError(f"EfficientDetHead is shared across levels and needs equal channels "
+                             f"on every level, the neck gives {input_shapes}")
+        e = cfg.MODEL.EFFICIENTDET
+        if e.NUM_HEAD_CONVS <= 0:
+            raise ValueError(f"MODEL.EFFICIENTDET.NUM_HEAD_CONVS={e.NUM_HEAD_CONVS} must be "
+                             "positive (EfficientDet sets it from COMPOUND_COEF when 0)")
+        return {
+            "in_channels": channels.pop(),
+            "num_levels": len(input_shapes),
+            "num_anchors": num_anchors,
+            "num_classes": e.NUM_CLASSES,
+            "num_convs": e.NUM_HEAD_CONVS,
+            "norm": NormSpec.from_config(cfg, e.HEAD_NORM, key="MODEL.EFFICIENTDET.HEAD_NORM"),
+            "act": e.HEAD_ACT,
+            "padding_mode": e.PADDING,
+            "redundant_bias": e.REDUNDANT_BIAS,
+            "prior_prob": e.PRIOR_PROB,
+            "drop_path_rate": e.HEAD_DROP_PATH_RATE,
+        }
 
     def _branch(self, x: torch.Tensor, level: int, convs: nn.ModuleList, norms: nn.ModuleList,
                 predictor: nn.Module) -> torch.Tensor:

@@ -8,7 +8,7 @@ from torchvision.ops import batched_nms
 
 from detector.structures import Boxes, Instances
 
-from .box_coder import BoxCoder
+from ..box_coder import BoxCoder
 
 __all__ = ["efficientdet_inference", "topk_over_levels"]
 

@@ -1,17 +1,8 @@
-"""RetinaNet losses as pure functions of tensors.
+"""Generic per-anchor loss sums shared by the dense detectors, as pure functions of tensors.
 
 Label convention per anchor: ``gt_labels`` in [0, num_classes) foreground class, ``num_classes``
-background, -1 ignored (IoU between the matcher's thresholds, or matched to a crowd box).
-
-Data-parallel training: DistributedDataParallel *averages* gradients over the W processes, each of
-which sees N/W of the N images of a step. For the result to equal one process seeing all N images:
-- "batch" normalisation divides the summed losses by the foreground-anchor count of the *whole*
-  step. Each process therefore divides its local sums by ``max(1, F_all) / W`` (``F_all`` summed
-  over processes, see ``num_foreground_all_ranks``); DDP's mean of the W gradients is then
-  ``grad(sum over all images) / max(1, F_all)``, exactly the single-process gradient.
-- "per_image" normalisation is a mean over images; with the same number of images per process
-  (enforced by SOLVER.IMS_PER_BATCH % W == 0) the mean over processes of the per-process means is
-  the mean over all images, so no cross-process term is needed.
+background, -1 ignored. Each function returns a *sum*; the model-specific assembly (RetinaNet's,
+EfficientDet's) chooses the weights and the normaliser.
 
 The focal loss is fvcore's sigmoid focal loss (:func:`focal_loss_sum`), computed by
 :func:`sparse_focal_loss_sum` in a few passes over the (R, K) logits: with one-hot targets almost
@@ -20,19 +11,22 @@ closed form, and corrects the few foreground entries and ignored anchors. At Eff
 anchors x 90 classes this is ~10x faster than the generic per-element version.
 """
 import math
-from typing import Dict, Optional
+import warnings
 
 import torch
 import torch.nn.functional as F
-from fvcore.nn import giou_loss, sigmoid_focal_loss, smooth_l1_loss
 
-from .box_coder import BoxCoder
+from ..box_coder import BoxCoder
 
-__all__ = ["BBOX_REG_LOSS_TYPES", "LOSS_NORMALIZATIONS", "focal_loss_sum",
-           "sparse_focal_loss_sum", "box_regression_loss_sum", "retinanet_losses"]
+with warnings.catch_warnings():
+    # fvcore.nn scripts two functions we do not use at import time; torch warns about that
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit\.script")
+    from fvcore.nn import giou_loss, sigmoid_focal_loss, smooth_l1_loss
+
+__all__ = ["BBOX_REG_LOSS_TYPES", "focal_loss_sum", "sparse_focal_loss_sum",
+           "box_regression_loss_sum"]
 
 BBOX_REG_LOSS_TYPES = ("smooth_l1", "giou")
-LOSS_NORMALIZATIONS = ("batch", "per_image")
 
 
 def focal_loss_sum(pred_logits: torch.Tensor, gt_labels: torch.Tensor, *, num_classes: int,
@@ -115,7 +109,7 @@ class _SparseFocalLossSum(torch.autograd.Function):
 def sparse_focal_loss_sum(pred_logits: torch.Tensor, gt_labels: torch.Tensor, *,
                           num_classes: int, alpha: float = 0.25, gamma: float = 2.0
                           ) -> torch.Tensor:
-    """Equal to :func:`detector.modeling.losses.focal_loss_sum` (same label convention: class in
+    """Equal to :func:`focal_loss_sum` (same label convention: class in
     [0, K), K background, -1 ignored row) for (M, K) ``pred_logits`` and (M,) ``gt_labels``, with
     ``alpha`` >= 0, in a handful of passes over the logits."""
     if alpha < 0 or gamma < 0 or not math.isfinite(gamma):
@@ -141,58 +135,4 @@ def box_regression_loss_sum(loss_type: str, pred_deltas: torch.Tensor, anchors: 
     if loss_type == "giou":
         pred_boxes = box_coder.decode(pred_deltas, anchors)
         return giou_loss(pred_boxes, gt_boxes, reduction="sum")
-    raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{loss_type}' is not one of "
-                     f"{BBOX_REG_LOSS_TYPES}")
-
-
-def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, anchors: torch.Tensor,
-                     gt_labels: torch.Tensor, matched_gt_boxes: torch.Tensor, *, num_classes: int,
-                     box_coder: BoxCoder, focal_alpha: float = 0.25, focal_gamma: float = 2.0,
-                     bbox_reg_loss_type: str = "smooth_l1", smooth_l1_beta: float = 0.0,
-                     normalization: str = "batch",
-                     num_foreground_all_ranks: Optional[float] = None,
-                     world_size: int = 1) -> Dict[str, torch.Tensor]:
-    """Focal classification loss and box regression loss of a batch.
-
-    Args:
-        pred_logits: (N, R, K) class logits. pred_deltas: (N, R, 4) box deltas.
-        anchors: (R, 4) anchors shared by all images.
-        gt_labels: (N, R) int64 labels (see module docstring).
-        matched_gt_boxes: (N, R, 4) ground truth box of each anchor (used where foreground).
-        normalization: "batch" divides batch sums by the batch's foreground count (at least 1);
-            "per_image" (torchvision) divides each image's sums by its own foreground count (at
-            least 1) and averages over images.
-        num_foreground_all_ranks, world_size: for "batch" normalisation under data parallelism,
-            the foreground-anchor count summed over all ``world_size`` processes; the local sums
-            are then divided by ``max(1, num_foreground_all_ranks) / world_size`` so that averaged
-            gradients equal the single-process ones (module docstring). None: this batch's own
-            count (single process). Ignored by "per_image".
-    Returns: ``{"loss_cls", "loss_box_reg"}`` scalar tensors.
-    """
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{normalization}' is not one of "
-                         f"{LOSS_NORMALIZATIONS}")
-    if world_size < 1:
-        raise ValueError(f"retinanet_losses: world_size must be >= 1, got {world_size}")
-    cls_sums, box_sums, num_fg = [], [], []
-    for logits_i, deltas_i, labels_i, boxes_i in zip(pred_logits, pred_deltas, gt_labels,
-                                                     matched_gt_boxes):
-        fg = (labels_i >= 0) & (labels_i < num_classes)
-        cls_sums.append(sparse_focal_loss_sum(logits_i, labels_i, num_classes=num_classes,
-                                              alpha=focal_alpha, gamma=focal_gamma))
-        box_sums.append(box_regression_loss_sum(bbox_reg_loss_type, deltas_i[fg], anchors[fg],
-                                                boxes_i[fg], box_coder=box_coder,
-                                                smooth_l1_beta=smooth_l1_beta))
-        num_fg.append(int(fg.sum()))
-    cls_sums, box_sums = torch.stack(cls_sums), torch.stack(box_sums)
-    if normalization == "batch":
-        if num_foreground_all_ranks is None:
-            normalizer = max(1, sum(num_fg))
-        else:
-            normalizer = max(1.0, float(num_foreground_all_ranks)) / world_size
-        return {"loss_cls": cls_sums.sum() / normalizer,
-                "loss_box_reg": box_sums.sum() / normalizer}
-    per_image = torch.tensor([max(1, n) for n in num_fg], dtype=cls_sums.dtype,
-                             device=cls_sums.device)
-    return {"loss_cls": (cls_sums / per_image).mean(),
-            "loss_box_reg": (box_sums / per_image).mean()}
+    raise ValueError(f"box regression loss '{loss_type}' is not one of {BBOX_REG_LOSS_TYPES}")
