@@ -35,6 +35,8 @@ _C.MODEL.CROWD_IGNORE_FRACTION = 0.7
 _C.MODEL.GN = CN()
 # Number of groups for "GN" norms
 _C.MODEL.GN.NUM_GROUPS = 32
+# Epsilon added to the group variance of "GN" norms
+_C.MODEL.GN.EPS = 1e-5
 _C.MODEL.BN = CN()
 # BatchNorm momentum in PyTorch convention (1 - TF decay); EfficientDet uses 0.01
 _C.MODEL.BN.MOMENTUM = 0.1

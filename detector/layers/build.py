@@ -47,12 +47,12 @@ def SyncBN(channels, spec, *, activation=False):
 
 @NORM_REGISTRY.register()
 def GN(channels, spec, *, activation=False):
-    """nn.GroupNorm with MODEL.GN.NUM_GROUPS groups."""
+    """nn.GroupNorm with MODEL.GN.NUM_GROUPS groups and eps MODEL.GN.EPS."""
     if spec.gn_groups <= 0 or channels % spec.gn_groups != 0:
         raise ValueError(
             f"GN: MODEL.GN.NUM_GROUPS={spec.gn_groups} does not divide {channels} channels"
         )
-    return nn.GroupNorm(spec.gn_groups, channels)
+    return nn.GroupNorm(spec.gn_groups, channels, eps=spec.gn_eps)
 
 
 @NORM_REGISTRY.register()
@@ -93,6 +93,7 @@ class NormSpec:
 
     name: str = ""
     gn_groups: int = 32
+    gn_eps: float = 1e-5
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
     evonorm_groups: int = 32
@@ -104,6 +105,7 @@ class NormSpec:
         """The norm ``name`` (the value of config key ``key``) with the shared norm options of
         ``MODEL.BN``, ``MODEL.GN`` and ``MODEL.EVONORM``."""
         return cls("" if name is None else name, gn_groups=cfg.MODEL.GN.NUM_GROUPS,
+                   gn_eps=cfg.MODEL.GN.EPS,
                    bn_momentum=cfg.MODEL.BN.MOMENTUM, bn_eps=cfg.MODEL.BN.EPS,
                    evonorm_groups=cfg.MODEL.EVONORM.NUM_GROUPS,
                    evonorm_eps=cfg.MODEL.EVONORM.EPS, key=key)

@@ -137,7 +137,8 @@ def test_evonorm_gradients_flow_to_every_parameter():
 
 
 def test_registry_builds_every_name_with_config_options():
-    opts = dict(gn_groups=4, bn_momentum=0.01, bn_eps=1e-3, evonorm_groups=2, evonorm_eps=1e-4)
+    opts = dict(gn_groups=4, gn_eps=1e-6, bn_momentum=0.01, bn_eps=1e-3, evonorm_groups=2,
+                evonorm_eps=1e-4)
     assert set(ALL_NAMES) <= set(name for name, _ in NORM_REGISTRY)
     assert available_norms()[-1] == '""' and set(ALL_NAMES) <= set(available_norms())
     bn = get_norm("BN", 8, **opts)
@@ -147,7 +148,7 @@ def test_registry_builds_every_name_with_config_options():
     frozen = get_norm("FrozenBN", 8, **opts)
     assert isinstance(frozen, FrozenBatchNorm2d) and frozen.eps == 1e-3
     gn = get_norm("GN", 8, **opts)
-    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 4 and gn.eps == 1e-6
     s0 = get_norm("EvoNormS0", 8, activation=True, **opts)
     assert isinstance(s0, EvoNormS0) and s0.groups == 2 and s0.eps == 1e-4 and s0.v is not None
     b0 = get_norm("EvoNormB0", 8, **opts)
@@ -225,3 +226,18 @@ def test_convert_sync_batchnorm_copies_parameters_buffers_and_mode():
     frozen = convert_frozen_batchnorm(converted)
     assert isinstance(frozen[1], FrozenBatchNorm2d)
     assert torch.equal(frozen[1].running_var, reference["1.running_var"])
+
+
+def test_norm_spec_from_config_reads_every_norm_option():
+    from detector.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.GN.NUM_GROUPS", "4", "MODEL.GN.EPS", "1e-3", "MODEL.BN.MOMENTUM",
+                         "0.01", "MODEL.BN.EPS", "1e-4", "MODEL.EVONORM.NUM_GROUPS", "2",
+                         "MODEL.EVONORM.EPS", "1e-6"])
+    spec = NormSpec.from_config(cfg, "GN", key="MODEL.NECK.NORM")
+    assert (spec.name, spec.key) == ("GN", "MODEL.NECK.NORM")
+    assert (spec.gn_groups, spec.gn_eps, spec.bn_momentum, spec.bn_eps, spec.evonorm_groups,
+            spec.evonorm_eps) == (4, 1e-3, 0.01, 1e-4, 2, 1e-6)
+    gn = spec.layer(8)
+    assert isinstance(gn, nn.GroupNorm) and (gn.num_groups, gn.eps) == (4, 1e-3)
