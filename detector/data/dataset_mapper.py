@@ -50,7 +50,9 @@ class DatasetMapper:
     ``image`` uint8 (C, H, W), original ``height``/``width``, ``image_id``, ``file_name`` and, when
     ``is_train``, ``instances`` with ``gt_boxes`` (Boxes) and ``gt_classes`` (int64).
 
-    Training drops crowd annotations and boxes left empty after the transforms. Random choices come
+    Crowd annotations become crowd regions (``gt_is_crowd`` True, class kept) with ``keep_crowd``,
+    which the detectors use only to ignore anchors, and are dropped otherwise; boxes left empty after
+    the transforms are dropped. Random choices come
     from the mapper's own generator (``seed``, or re-seeded per data-loader worker via
     ``reseed``), never from global state."""
 
@@ -61,12 +63,14 @@ class DatasetMapper:
         augmentations: Sequence[Augmentation],
         image_format: str = "RGB",
         seed: Optional[int] = None,
+        keep_crowd: bool = True,
     ):
         if image_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be 'RGB' or 'BGR', got {image_format!r}")
         self.is_train = is_train
         self.augmentations: List[Augmentation] = list(augmentations)
         self.image_format = image_format
+        self.keep_crowd = keep_crowd
         self.reseed(seed)
 
     @classmethod
@@ -77,6 +81,7 @@ class DatasetMapper:
             "augmentations": build_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
             "seed": cfg.SEED if cfg.SEED >= 0 else None,
+            "keep_crowd": cfg.INPUT.KEEP_CROWD,
         }
 
     def reseed(self, seed: Optional[int]) -> None:
@@ -111,18 +116,25 @@ class DatasetMapper:
         }
         if self.is_train:
             out["instances"] = self._transform_annotations(
-                dataset_dict.get("annotations", []), transforms, image.shape[:2]
+                dataset_dict.get("annotations", []), transforms, image.shape[:2], self.keep_crowd
             )
         return out
 
     @staticmethod
-    def _transform_annotations(annotations, transforms, image_size) -> Instances:
-        anns = [a for a in annotations if not a.get("iscrowd", 0)]
+    def _transform_annotations(annotations, transforms, image_size, keep_crowd) -> Instances:
+        anns = [a for a in annotations if keep_crowd or not a.get("iscrowd", 0)]
         boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
         classes = np.array([a["category_id"] for a in anns], dtype=np.int64)
+        # fvcore's apply_box takes the min/max of the moved corners, which would turn an inverted
+        # box (x2 < x1) into a valid one; such boxes are empty and stay dropped
+        ordered = torch.as_tensor((boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1]))
         boxes = Boxes(torch.as_tensor(transforms.apply_box(boxes), dtype=torch.float32))
         boxes.clip(image_size)
-        keep = boxes.nonempty(threshold=1e-5)
-        return Instances(
+        keep = boxes.nonempty(threshold=1e-5) & ordered
+        instances = Instances(
             image_size, gt_boxes=boxes[keep], gt_classes=torch.as_tensor(classes)[keep]
         )
+        if keep_crowd:
+            is_crowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool)
+            instances.gt_is_crowd = is_crowd[keep]
+        return instances

@@ -102,10 +102,26 @@ def test_crowd_and_emptied_boxes_dropped(tmp_path):
     path = _rect_image(tmp_path, 64, 96, (0, 0, 1, 1))
     d = _dict(path, 64, 96, [(5, 5, 20, 20), (0, 0, 96, 64), (30, 30, 30.000001, 40)],
               classes=[2, 1, 0], crowd=[0, 1, 0])
-    out = DatasetMapper(is_train=True, augmentations=[])(d)
+    out = DatasetMapper(is_train=True, augmentations=[], keep_crowd=False)(d)
     assert out["instances"].gt_boxes.tensor.tolist() == [[5, 5, 20, 20]]
     assert out["instances"].gt_classes.tolist() == [2]
+    assert not out["instances"].has("gt_is_crowd")
     assert len(d["annotations"]) == 3  # input not modified
+
+
+def test_crowd_kept_as_regions_follow_the_transforms(tmp_path, tiny_cfg):
+    path = _rect_image(tmp_path, 64, 96, (0, 0, 1, 1))
+    d = _dict(path, 64, 96, [(5, 5, 20, 20), (40, 0, 96, 32), (30, 30, 30.000001, 40)],
+              classes=[2, 1, 0], crowd=[0, 1, 1])
+    assert tiny_cfg.INPUT.KEEP_CROWD  # the default
+    kwargs = DatasetMapper.from_config(tiny_cfg, is_train=True)
+    kwargs["augmentations"] = [RandomFlip(prob=1.0)]
+    out = DatasetMapper(**kwargs)(d)
+    inst = out["instances"]
+    # flipped in a 96-wide image; the emptied crowd box is dropped like any empty box
+    assert inst.gt_boxes.tensor.tolist() == [[76, 5, 91, 20], [0, 0, 56, 32]]
+    assert inst.gt_classes.tolist() == [2, 1]
+    assert inst.gt_is_crowd.tolist() == [False, True]
 
 
 def test_bgr_format(tmp_path):

@@ -54,16 +54,26 @@ def test_empty_ground_truth_is_all_background():
     assert model.head.cls_score.weight.grad is not None
 
 
-def test_crowd_matches_are_ignored():
+def test_crowd_regions_ignore_background_anchors_and_take_none():
     model = _model()
     anchors = torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 32.0],
-                            [0.0, 32.0, 32.0, 64.0]])
-    gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 32.0, 32.0], [32.0, 0.0, 64.0, 30.0]]))
-    inst = Instances((64, 64), gt_boxes=gt_boxes, gt_classes=torch.tensor([1, 2]),
-                     gt_is_crowd=torch.tensor([0, 1]))
+                            [0.0, 32.0, 32.0, 64.0], [32.0, 32.0, 64.0, 64.0]])
+    # the crowd box fits anchor 0 better (IoU 1.0) than the real box (0.94): matching without
+    # crowd boxes still gives anchor 0 to the real box
+    gt_boxes = Boxes(torch.tensor([[0.0, 0.0, 30.0, 32.0], [0.0, 0.0, 32.0, 32.0],
+                                   [32.0, 0.0, 64.0, 30.0], [32.0, 32.0, 48.0, 64.0]]))
+    inst = Instances((64, 64), gt_boxes=gt_boxes, gt_classes=torch.tensor([1, 0, 2, 2]),
+                     gt_is_crowd=torch.tensor([0, 1, 1, 1]))
     labels, boxes = model.label_anchors(anchors, [inst])
-    assert labels.tolist() == [[1, -1, model.num_classes]]
+    # anchor 1: covered 30/32 by a crowd region -> ignored; anchor 2: no crowd -> background;
+    # anchor 3: covered only 1/2 (< MODEL.CROWD_IGNORE_FRACTION 0.7) -> background
+    assert labels.tolist() == [[1, -1, model.num_classes, model.num_classes]]
     assert torch.equal(boxes[0, 0], inst.gt_boxes.tensor[0])
+    model.crowd_ignore_fraction = 0.5
+    assert model.label_anchors(anchors, [inst])[0].tolist() == [[1, -1, model.num_classes, -1]]
+    no_crowd = Instances((64, 64), gt_boxes=gt_boxes[:1], gt_classes=torch.tensor([1]))
+    assert model.label_anchors(anchors, [no_crowd])[0].tolist() == [
+        [1, model.num_classes, model.num_classes, model.num_classes]]
 
 
 def test_bad_training_inputs_name_the_image():
