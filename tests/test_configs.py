@@ -39,8 +39,48 @@ def _batch(num_images=2, size=128, seed=0):
     return batch
 
 
-def test_there_are_configs():
-    assert len(CONFIGS) >= 8
+# every shipped config; a config added or removed must be added or removed here as well
+EXPECTED_CONFIGS = [
+    "Base-RetinaNet.yaml",
+    "coco2014/Base-RetinaNet-COCO2014.yaml",
+    "coco2014/efficientdet_D0_EvoNormS0_giou_cosine.yaml",
+    "coco2014/efficientdet_D0_R50_EvoNormS0_giou_cosine.yaml",
+    "coco2014/retinanet_R_50_FPN_BN.yaml",
+    "coco2014/retinanet_R_50_FPN_EvoNormS0.yaml",
+    "coco2014/retinanet_R_50_FPN_EvoNormS0_giou.yaml",
+    "coco2014/retinanet_R_50_FPN_EvoNormS0_giou_cosine.yaml",
+    "coco2014/retinanet_R_50_FPN_GN.yaml",
+    "coco2014/retinanet_R_50_FPN_GN_head_BN.yaml",
+    "coco2014/retinanet_R_50_FPN_SN.yaml",
+    "coco2014/retinanet_R_50_FPN_SN_giou.yaml",
+    "demo/retinanet_tiny_shapes.yaml",
+    "efficientdet/Base-EfficientDet.yaml",
+    "efficientdet/EfficientDet-D0-EvoNormS0.yaml",
+    "efficientdet/EfficientDet-D0-R50.yaml",
+    "efficientdet/EfficientDet-D0.yaml",
+    "efficientdet/EfficientDet-D1.yaml",
+    "efficientdet/EfficientDet-D2.yaml",
+    "efficientdet/EfficientDet-D3.yaml",
+    "efficientdet/EfficientDet-D4.yaml",
+    "efficientdet/EfficientDet-D5.yaml",
+    "efficientdet/EfficientDet-D6.yaml",
+    "efficientdet/EfficientDet-D7.yaml",
+    "efficientdet/EfficientDet-tiny-shapes.yaml",
+    "pyramid/retinanet_P2-P5_a8.yaml",
+    "pyramid/retinanet_P2-P5_high.yaml",
+    "pyramid/retinanet_P2-P5_low.yaml",
+    "pyramid/retinanet_P2-P6.yaml",
+    "pyramid/retinanet_base.yaml",
+    "retinanet/retinanet_R_101_FPN_1x.yaml",
+    "retinanet/retinanet_R_50_FPN_1x.yaml",
+    "retinanet/retinanet_R_50_FPN_giou_cosine.yaml",
+    "retinanet/retinanet_R_50_FPN_torchvision.yaml",
+]
+
+
+def test_the_shipped_configs_are_exactly_the_expected_ones():
+    found = sorted(p.relative_to(ROOT / "configs").as_posix() for p in CONFIGS)
+    assert found == EXPECTED_CONFIGS
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))

@@ -17,9 +17,10 @@ Node n is the n-th node of :func:`detector.modeling.neck.bifpn.bifpn_graph` (eff
 offset o < L is ``p<min+o>_in``, otherwise node ``o - L``. effdet predicts box deltas per anchor as
 (dy, dx, dh, dw); the box predictor's output channels are reordered to our (dx, dy, dw, dh).
 The classifier's K outputs per anchor are effdet's classes (COCO: category id - 1, 90 of them);
-:func:`select_classes` keeps a subset, e.g. :data:`EFFDET_COCO80_INDICES` for the 80 contiguous COCO
-classes. Biases before a BatchNorm (``redundant_bias``) that our model lacks are folded into the
-norm's running mean, which leaves train- and eval-mode outputs unchanged.
+:func:`select_classes` keeps the subset its caller lists, e.g. the 80 contiguous COCO classes
+(``detector.data.datasets.EFFDET_COCO80_INDICES``). Biases before a BatchNorm (``redundant_bias``)
+that our model lacks are folded into the norm's running mean, which leaves train- and eval-mode
+outputs unchanged.
 """
 import re
 from typing import Dict, Mapping, Optional, Sequence
@@ -29,13 +30,9 @@ import torch
 from detector.modeling.neck.bifpn import bifpn_graph
 
 from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
-from .torchvision_retinanet import COCO_CATEGORY_IDS
 
 __all__ = ["EffdetConversionError", "convert_effdet_state_dict", "check_against",
-           "select_classes", "describe_effdet_state_dict", "EFFDET_COCO80_INDICES"]
-
-# effdet's 90-way COCO head is indexed by category id - 1
-EFFDET_COCO80_INDICES = tuple(i - 1 for i in COCO_CATEGORY_IDS)
+           "select_classes", "describe_effdet_state_dict"]
 
 _NORM = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 
@@ -209,7 +206,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
 def select_classes(state_dict: Mapping[str, torch.Tensor],
                    class_indices: Sequence[int]) -> Dict[str, torch.Tensor]:
     """Keep only the classifier outputs of ``class_indices`` (in that order) in a converted state
-    dict, e.g. :data:`EFFDET_COCO80_INDICES`."""
+    dict; the caller owns the class layout (COCO's: ``detector.data.datasets``)."""
     return select_classifier_outputs(state_dict, class_indices, cls_prefix="head.cls_score.conv_pw",
                                      box_bias_key="head.bbox_pred.conv_pw.bias",
                                      error=EffdetConversionError)

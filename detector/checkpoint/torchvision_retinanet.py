@@ -15,8 +15,9 @@ COCO checkpoint (``fpn.inner_blocks.0.weight``, ``head.*.conv.2k.weight``) are a
 
 The model to load into is built from configs/retinanet/retinanet_R_50_FPN_torchvision.yaml.
 torchvision's COCO head has 91 outputs indexed by COCO category id (unused ids included);
-:func:`select_classes` keeps the 80 real categories in id order, the contiguous ids this project's
-COCO datasets use (then set MODEL.RETINANET.NUM_CLASSES 80).
+:func:`select_classes` keeps the outputs its caller lists, e.g. the 80 real categories in id order
+(``detector.data.datasets.TORCHVISION_COCO80_INDICES``, the contiguous ids of this project's COCO
+datasets; then set MODEL.RETINANET.NUM_CLASSES 80).
 """
 import re
 from typing import Dict, Mapping, Optional
@@ -26,15 +27,7 @@ import torch
 from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
 
 __all__ = ["convert_torchvision_retinanet_state_dict", "select_classes", "check_against",
-           "COCO_CATEGORY_IDS", "TorchvisionConversionError"]
-
-# the 80 COCO category ids in torchvision's 91-way head, in increasing order
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28,
-    31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55,
-    56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84,
-    85, 86, 87, 88, 89, 90,
-)
+           "TorchvisionConversionError"]
 
 
 class TorchvisionConversionError(ConversionError):
@@ -135,7 +128,7 @@ def check_against(converted: Mapping[str, torch.Tensor],
 def select_classes(state_dict: Mapping[str, torch.Tensor],
                    class_indices) -> Dict[str, torch.Tensor]:
     """Keep only the classifier outputs of ``class_indices`` (in that order) in a converted state
-    dict, e.g. ``COCO_CATEGORY_IDS``."""
+    dict; the caller owns the class layout (COCO's: ``detector.data.datasets``)."""
     return select_classifier_outputs(state_dict, class_indices, cls_prefix="head.cls_score",
                                      box_bias_key="head.bbox_pred.bias",
                                      error=TorchvisionConversionError)

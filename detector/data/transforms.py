@@ -1,11 +1,23 @@
-"""Geometric transforms for detection: an ``Augmentation`` samples a deterministic ``Transform``
-from an image and a random generator; the ``Transform`` is then applied to the image and boxes.
+"""Geometric transforms for detection: an ``Augmentation`` samples a deterministic transform from an
+image and a random generator; the transform then moves the image, its boxes and (later) its masks.
+
+Transforms are fvcore's (``fvcore.transforms``): flips, crops, no-op and ``TransformList`` come from
+there, with their ``apply_image`` / ``apply_box`` / ``apply_coords`` / ``apply_segmentation`` /
+``apply_polygons``. Only the resize is ours (see ``ResizeTransform``).
 
 Images are uint8 numpy arrays (H, W, C); boxes are float (N, 4) absolute XYXY arrays."""
 from abc import ABC, abstractmethod
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from fvcore.transforms import (
+    CropTransform,
+    HFlipTransform,
+    NoOpTransform,
+    Transform,
+    TransformList,
+    VFlipTransform,
+)
 from PIL import Image
 
 __all__ = [
@@ -16,108 +28,43 @@ __all__ = [
 ]
 
 
-class Transform(ABC):
-    """A fixed geometric change of one image and the boxes that live on it."""
-
-    @abstractmethod
-    def apply_image(self, image: np.ndarray) -> np.ndarray:
-        ...
-
-    @abstractmethod
-    def apply_box(self, boxes: np.ndarray) -> np.ndarray:
-        ...
-
-
-class NoOpTransform(Transform):
-    def apply_image(self, image):
-        return image
-
-    def apply_box(self, boxes):
-        return boxes
-
-
 class ResizeTransform(Transform):
-    """Resize an image of (h, w) to (new_h, new_w) with bilinear interpolation."""
+    """Resize an image of (h, w) to (new_h, new_w): bilinear for images, nearest neighbour for
+    segmentation maps (labels must stay labels), exact scaling for coordinates.
+
+    Hand-written because fvcore's ``ScaleTransform`` resizes with torch's ``interpolate``, which
+    does not antialias when shrinking; PIL's bilinear resize does, and training and evaluation
+    must see the same resampling."""
 
     def __init__(self, h: int, w: int, new_h: int, new_w: int):
-        self.h, self.w, self.new_h, self.new_w = h, w, new_h, new_w
+        super().__init__()
+        self._set_attributes(locals())
 
-    def apply_image(self, image):
-        if image.shape[:2] != (self.h, self.w):
-            raise ValueError(f"ResizeTransform made for {(self.h, self.w)}, got {image.shape[:2]}")
+    def _resize(self, array: np.ndarray, resample) -> np.ndarray:
+        if array.shape[:2] != (self.h, self.w):
+            raise ValueError(f"ResizeTransform made for (h, w) {(self.h, self.w)}, "
+                             f"got an array of {array.shape[:2]}")
         if (self.new_h, self.new_w) == (self.h, self.w):
-            return image
-        pil = Image.fromarray(image)
-        return np.asarray(pil.resize((self.new_w, self.new_h), Image.BILINEAR))
+            return array
+        return np.asarray(Image.fromarray(array).resize((self.new_w, self.new_h), resample))
 
-    def apply_box(self, boxes):
-        scale = np.array([self.new_w / self.w, self.new_h / self.h] * 2, dtype=np.float64)
-        return np.asarray(boxes, dtype=np.float64) * scale
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        return self._resize(img, Image.BILINEAR)
 
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        if segmentation.dtype == np.bool_:  # as 0/1 uint8 rather than through PIL's 1-bit mode
+            return self._resize(segmentation.astype(np.uint8), Image.NEAREST).astype(np.bool_)
+        return self._resize(segmentation, Image.NEAREST)
 
-class CropTransform(Transform):
-    """Keep the window of ``width`` x ``height`` pixels whose top-left corner is (x0, y0). Boxes
-    are shifted only; the mapper clips them to the new image and drops the empty ones."""
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        # float64 out whatever comes in: integer coordinates would be truncated in place
+        scaled = np.array(coords, dtype=np.float64)
+        scaled[:, 0] *= self.new_w / self.w
+        scaled[:, 1] *= self.new_h / self.h
+        return scaled
 
-    def __init__(self, x0: int, y0: int, width: int, height: int):
-        self.x0, self.y0, self.width, self.height = x0, y0, width, height
-
-    def apply_image(self, image):
-        return image[self.y0:self.y0 + self.height, self.x0:self.x0 + self.width]
-
-    def apply_box(self, boxes):
-        shift = np.array([self.x0, self.y0] * 2, dtype=np.float64)
-        return np.asarray(boxes, dtype=np.float64) - shift
-
-
-class HFlipTransform(Transform):
-    """Mirror left-right an image of the given width."""
-
-    def __init__(self, width: int):
-        self.width = width
-
-    def apply_image(self, image):
-        return np.ascontiguousarray(image[:, ::-1])
-
-    def apply_box(self, boxes):
-        boxes = np.asarray(boxes, dtype=np.float64).copy()
-        boxes[:, [0, 2]] = self.width - boxes[:, [2, 0]]
-        return boxes
-
-
-class VFlipTransform(Transform):
-    """Mirror top-bottom an image of the given height."""
-
-    def __init__(self, height: int):
-        self.height = height
-
-    def apply_image(self, image):
-        return np.ascontiguousarray(image[::-1])
-
-    def apply_box(self, boxes):
-        boxes = np.asarray(boxes, dtype=np.float64).copy()
-        boxes[:, [1, 3]] = self.height - boxes[:, [3, 1]]
-        return boxes
-
-
-class TransformList(Transform):
-    """Transforms applied in order."""
-
-    def __init__(self, transforms: List[Transform]):
-        self.transforms = list(transforms)
-
-    def apply_image(self, image):
-        for t in self.transforms:
-            image = t.apply_image(image)
-        return image
-
-    def apply_box(self, boxes):
-        for t in self.transforms:
-            boxes = t.apply_box(boxes)
-        return boxes
-
-    def __iter__(self):
-        return iter(self.transforms)
+    def inverse(self) -> "ResizeTransform":
+        return ResizeTransform(self.new_h, self.new_w, self.h, self.w)
 
 
 class Augmentation(ABC):
@@ -125,7 +72,7 @@ class Augmentation(ABC):
 
     @abstractmethod
     def get_transform(self, image: np.ndarray, rng: np.random.Generator) -> Transform:
-        ...
+        """The transform for ``image``; draws only from ``rng``."""
 
 
 def _scaled_shape(h: int, w: int, scale: float) -> Tuple[int, int]:
@@ -187,7 +134,8 @@ class ScaleJitterCrop(Augmentation):
             return resize
         y0 = int(rng.integers(0, new_h - crop_h + 1))
         x0 = int(rng.integers(0, new_w - crop_w + 1))
-        return TransformList([resize, CropTransform(x0, y0, crop_w, crop_h)])
+        crop = CropTransform(x0, y0, crop_w, crop_h, orig_w=new_w, orig_h=new_h)  # invertible
+        return TransformList([resize, crop])
 
 
 class RandomFlip(Augmentation):

@@ -21,7 +21,7 @@ def _bright_region(image):
 def test_crop_transform_moves_image_and_boxes_together():
     image = np.zeros((40, 60, 3), dtype=np.uint8)
     image[10:20, 30:50] = 255
-    crop = CropTransform(x0=25, y0=5, width=30, height=30)
+    crop = CropTransform(x0=25, y0=5, w=30, h=30)
     out = crop.apply_image(image)
     assert out.shape == (30, 30, 3)
     box = crop.apply_box(np.array([[30.0, 10.0, 50.0, 20.0]]))[0]

@@ -217,6 +217,13 @@ def test_convert_tool_writes_checkpoint(models, tmp_path):
     assert all(torch.equal(saved["model"][k], converted[k]) for k in converted)
     assert not (tmp_path / "out" / "ours.pth.tmp").exists()
 
+    dst80 = tmp_path / "ours80.pth"
+    assert tool.main(["--input", str(src), "--output", str(dst80), "--coco-contiguous"]) == 0
+    saved80 = torch.load(dst80, weights_only=True)["model"]
+    expected80 = select_classes(converted, TORCHVISION_COCO80_INDICES)
+    assert saved80["head.cls_score.bias"].numel() == 9 * 80
+    assert all(torch.equal(saved80[k], expected80[k]) for k in expected80)
+
     bad = tmp_path / "bad.pth"
     torch.save({"something.else": torch.zeros(1)}, bad)
     assert tool.main(["--input", str(bad), "--output", str(tmp_path / "x.pth")]) == 1

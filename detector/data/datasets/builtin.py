@@ -7,6 +7,7 @@ import os
 
 from ..catalog import DatasetCatalog, MetadataCatalog
 from .coco import load_coco_json, register_coco_instances
+from .coco_categories import coco_metadata
 from .synthetic import (
     SHAPES_CLASSES,
     ensure_shapes_dataset,
@@ -14,27 +15,7 @@ from .synthetic import (
     shapes_json_file,
 )
 
-__all__ = ["get_datasets_root", "COCO_CATEGORIES", "PREDEFINED_COCO_SPLITS", "register_all"]
-
-# COCO's 80 thing categories as (dataset id, name); ids are not contiguous
-COCO_CATEGORIES = (
-    (1, "person"), (2, "bicycle"), (3, "car"), (4, "motorcycle"), (5, "airplane"), (6, "bus"),
-    (7, "train"), (8, "truck"), (9, "boat"), (10, "traffic light"), (11, "fire hydrant"),
-    (13, "stop sign"), (14, "parking meter"), (15, "bench"), (16, "bird"), (17, "cat"),
-    (18, "dog"), (19, "horse"), (20, "sheep"), (21, "cow"), (22, "elephant"), (23, "bear"),
-    (24, "zebra"), (25, "giraffe"), (27, "backpack"), (28, "umbrella"), (31, "handbag"),
-    (32, "tie"), (33, "suitcase"), (34, "frisbee"), (35, "skis"), (36, "snowboard"),
-    (37, "sports ball"), (38, "kite"), (39, "baseball bat"), (40, "baseball glove"),
-    (41, "skateboard"), (42, "surfboard"), (43, "tennis racket"), (44, "bottle"),
-    (46, "wine glass"), (47, "cup"), (48, "fork"), (49, "knife"), (50, "spoon"), (51, "bowl"),
-    (52, "banana"), (53, "apple"), (54, "sandwich"), (55, "orange"), (56, "broccoli"),
-    (57, "carrot"), (58, "hot dog"), (59, "pizza"), (60, "donut"), (61, "cake"), (62, "chair"),
-    (63, "couch"), (64, "potted plant"), (65, "bed"), (67, "dining table"), (70, "toilet"),
-    (72, "tv"), (73, "laptop"), (74, "mouse"), (75, "remote"), (76, "keyboard"),
-    (77, "cell phone"), (78, "microwave"), (79, "oven"), (80, "toaster"), (81, "sink"),
-    (82, "refrigerator"), (84, "book"), (85, "clock"), (86, "vase"), (87, "scissors"),
-    (88, "teddy bear"), (89, "hair drier"), (90, "toothbrush"),
-)
+__all__ = ["get_datasets_root", "PREDEFINED_COCO_SPLITS", "register_all"]
 
 # name -> (image folder, annotation json), relative to $DETECTOR_DATASETS
 PREDEFINED_COCO_SPLITS = {
@@ -52,15 +33,6 @@ PREDEFINED_COCO_SPLITS = {
 def get_datasets_root() -> str:
     """$DETECTOR_DATASETS, or ``datasets`` relative to the current directory."""
     return os.environ.get("DETECTOR_DATASETS") or "datasets"
-
-
-def _coco_metadata():
-    ids = [cid for cid, _ in COCO_CATEGORIES]
-    return {
-        "thing_classes": [name for _, name in COCO_CATEGORIES],
-        "thing_dataset_id_to_contiguous_id": {cid: i for i, cid in enumerate(ids)},
-        "thing_contiguous_id_to_dataset_id": dict(enumerate(ids)),
-    }
 
 
 def _existing_path(dataset_name: str, relative: str, kind: str):
@@ -109,7 +81,7 @@ def register_all() -> None:
             continue
         register_coco_instances(
             name,
-            _coco_metadata(),
+            coco_metadata(),
             _existing_path(name, json_rel, "annotation file"),
             _existing_path(name, image_dir, "folder"),
         )
