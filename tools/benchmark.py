@@ -14,19 +14,15 @@ EfficientDet-only options (--profile, --effdet-loader-labels, config overrides).
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from benchmark_common import print_rows, speed_rows, time_pair, train_step, write_json  # noqa: E402
+from benchmark_common import print_rows, speed_rows, time_pair, train_step, write_json
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
-from detector.config import get_cfg  # noqa: E402
-from detector.layers import convert_frozen_batchnorm  # noqa: E402
-from detector.modeling import build_model  # noqa: E402
-from detector.structures import Boxes, Instances  # noqa: E402
+from detector.config import get_cfg
+from detector.layers import convert_frozen_batchnorm
+from detector.modeling import build_model
+from detector.structures import Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TV_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")

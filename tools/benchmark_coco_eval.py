@@ -18,9 +18,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detector.evaluation import (  # noqa: E402
+from detector.evaluation import (
     STAT_NAMES,
     VALID_BACKENDS,
     build_coco_api,

@@ -13,18 +13,15 @@ and with one thread, which tells the gain of data parallelism from that of fewer
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from detector.engine import DefaultTrainer, default_argument_parser, launch, setup_cfg  # noqa: E402
-from detector.engine.hooks import CallbackHook  # noqa: E402
-from detector.utils import comm  # noqa: E402
-from detector.utils.logger import setup_logger  # noqa: E402
+from detector.engine import DefaultTrainer, default_argument_parser, launch, setup_cfg
+from detector.engine.hooks import CallbackHook
+from detector.utils import comm
+from detector.utils.logger import setup_logger
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "configs", "demo", "retinanet_tiny_shapes.yaml")

@@ -15,14 +15,10 @@ alike. Detections are compared first: a speedup that changes results is a bug.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from benchmark_common import (  # noqa: E402
+from benchmark_common import (
     print_rows,
     profile,
     speed_rows,
@@ -30,10 +26,10 @@ from benchmark_common import (  # noqa: E402
     train_step,
     write_json,
 )
-from detector.checkpoint.effdet_convert import convert_effdet_state_dict  # noqa: E402
-from detector.config import get_cfg  # noqa: E402
-from detector.modeling import build_model  # noqa: E402
-from detector.structures import Boxes, Instances  # noqa: E402
+from detector.checkpoint.effdet_convert import convert_effdet_state_dict
+from detector.config import get_cfg
+from detector.modeling import build_model
+from detector.structures import Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 90

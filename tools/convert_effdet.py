@@ -20,23 +20,21 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from detector.checkpoint import (  # noqa: E402
+from detector.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     load_checkpoint_file,
 )
-from detector.checkpoint.effdet_convert import (  # noqa: E402
-    EFFDET_COCO80_INDICES,
+from detector.checkpoint.effdet_convert import (
     EffdetConversionError,
     convert_effdet_state_dict,
 )
-from detector.config import get_cfg  # noqa: E402
-from detector.config.config import ConfigError  # noqa: E402
-from detector.modeling import build_model  # noqa: E402
+from detector.config import get_cfg
+from detector.config.config import ConfigError
+from detector.data.datasets import EFFDET_COCO80_INDICES
+from detector.modeling import build_model
 
 logger = logging.getLogger("convert_effdet")
 

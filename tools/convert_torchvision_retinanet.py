@@ -16,24 +16,22 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from detector.checkpoint import (  # noqa: E402
+from detector.checkpoint import (
     CheckpointError,
     atomic_torch_save,
     load_checkpoint_file,
 )
-from detector.checkpoint.torchvision_retinanet import (  # noqa: E402
-    COCO_CATEGORY_IDS,
+from detector.checkpoint.torchvision_retinanet import (
     TorchvisionConversionError,
     check_against,
     convert_torchvision_retinanet_state_dict,
     select_classes,
 )
-from detector.config import get_cfg  # noqa: E402
-from detector.modeling import build_model  # noqa: E402
+from detector.config import get_cfg
+from detector.data.datasets import TORCHVISION_COCO80_INDICES
+from detector.modeling import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")
@@ -65,7 +63,7 @@ def load_torchvision_state_dict(path: str) -> dict:
 def convert(args) -> dict:
     converted = convert_torchvision_retinanet_state_dict(load_torchvision_state_dict(args.input))
     if args.coco_contiguous:
-        converted = select_classes(converted, COCO_CATEGORY_IDS)
+        converted = select_classes(converted, TORCHVISION_COCO80_INDICES)
     num_anchors = converted["head.bbox_pred.bias"].numel() // 4
     num_classes = converted["head.cls_score.bias"].numel() // num_anchors
 

@@ -4,6 +4,7 @@
     python tools/train_net.py --config-file configs/demo/retinanet_tiny_shapes.yaml
     python tools/train_net.py --config-file cfg.yaml --resume
     python tools/train_net.py --config-file cfg.yaml --eval-only MODEL.WEIGHTS model_final.pth
+    python tools/train_net.py --config-file cfg.yaml OUTPUT_DIR out --resume   # flags anywhere
     python tools/train_net.py --config-file cfg.yaml --num-gpus 2
     torchrun --nproc_per_node=2 tools/train_net.py --config-file cfg.yaml
     # two machines (run on each; c10d assigns the node ranks):
@@ -15,14 +16,15 @@ status 1 and a one-line "error: rank R of W failed ..." message. DIST.TIMEOUT_MI
 long the others wait for a peer that died on another machine.
 """
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from detector.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
-from detector.engine.defaults import launch_from_args, setup_cfg  # noqa: E402
-from detector.utils import comm  # noqa: E402
+from detector.engine import (
+    DefaultTrainer,
+    default_argument_parser,
+    default_setup,
+    launch_from_args,
+    setup_cfg,
+)
+from detector.utils import comm
 
 
 def main(args):

@@ -2,7 +2,10 @@
 
 - Saving writes to a temporary file in the target folder, fsyncs it and renames it over the
   final name, so a crash never leaves a truncated checkpoint or ``last_checkpoint`` behind.
-  Only the main process writes.
+  The file gets the mode any new file of the process gets (0666 minus the umask, as
+  metrics.json and config.yaml), not the 0600 of a temporary file. Only the main process writes.
+- Resuming takes the newest checkpoint in the folder that loads: a truncated or corrupt file is
+  skipped with a warning naming it (see ``DetectionCheckpointer.resume_or_load``).
 - Loading uses ``torch.load(weights_only=True)``: files holding arbitrary Python objects are
   refused (never executed); corrupt files give a one-line error naming the file.
 - A checkpoint may be ``{"model": state_dict, ...}`` (ours), a bare state_dict, or
@@ -25,6 +28,9 @@ __all__ = ["DetectionCheckpointer", "PeriodicCheckpointer", "CheckpointError",
            "load_checkpoint_file", "atomic_torch_save"]
 
 logger = logging.getLogger(__name__)
+
+# <prefix>_<iteration, 7 digits>.pth, the names PeriodicCheckpointer writes
+_PERIODIC_NAME = r"^{prefix}_(\d{{7}})\.pth$"
 
 
 class CheckpointError(RuntimeError):
@@ -85,9 +91,24 @@ def _is_state_dict(obj: Any) -> bool:
     )
 
 
+def _current_umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting
+    it, which briefly changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write, mode: str) -> None:
     """``write(f)`` into a temporary file next to ``path`` (its folder is created if needed),
-    fsync, then rename over ``path``."""
+    fsync, give it the mode of a regular new file, then rename over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
@@ -97,6 +118,8 @@ def _atomic_write(path: str, write, mode: str) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600 files; open() would have created 0666 & ~umask
+        os.chmod(tmp_path, 0o666 & ~_current_umask())
         os.replace(tmp_path, path)
     except BaseException:
         if os.path.exists(tmp_path):
@@ -158,6 +181,8 @@ class DetectionCheckpointer(Checkpointer):
         self.logger = logger
         # names of the checkpointables the last load() restored
         self.restored: List[str] = []
+        # the file the last resume_or_load() resumed from (None: it did not resume)
+        self.resumed_from: Optional[str] = None
 
     # ----------------------------------------------------------------------------- saving
     def save(self, name: str, **kwargs: Any) -> None:
@@ -196,7 +221,11 @@ class DetectionCheckpointer(Checkpointer):
                 raise FileNotFoundError(f"Checkpoint not found: {path}")
             path = local
         self.logger.info("Loading checkpoint from %s", path)
-        checkpoint = self._load_file(path)
+        return self._restore(self._load_file(path), path, checkpointables)
+
+    def _restore(self, checkpoint: Dict[str, Any], path: str,
+                 checkpointables: Optional[List[str]]) -> Dict[str, Any]:
+        """Load an already read checkpoint into the model and checkpointables (see load)."""
         incompatible = self._load_model(checkpoint)
         self._log_incompatible_keys(incompatible)
         for key in self.checkpointables if checkpointables is None else checkpointables:
@@ -210,6 +239,67 @@ class DetectionCheckpointer(Checkpointer):
                     ) from None
                 self.restored.append(key)
         return checkpoint
+
+    def candidate_checkpoints(self, file_prefix: str = "model") -> List[str]:
+        """Checkpoints in ``save_dir`` to resume from, newest first: the file named in
+        ``last_checkpoint`` (the last one written), then ``<prefix>_<iteration>.pth`` by
+        iteration, highest first, then ``<prefix>_final.pth``. Only existing files are listed."""
+        if not self.save_dir or not os.path.isdir(self.save_dir):
+            return []
+        pattern = re.compile(_PERIODIC_NAME.format(prefix=re.escape(file_prefix)))
+        periodic = []
+        for fname in os.listdir(self.save_dir):
+            match = pattern.match(fname)
+            if match:
+                periodic.append((int(match.group(1)), fname))
+        names = [fname for _, fname in sorted(periodic, reverse=True)]
+        names.append(f"{file_prefix}_final.pth")
+        hint = self.get_checkpoint_file()
+        if hint:
+            names.insert(0, os.path.basename(hint))
+            if not os.path.isfile(os.path.join(self.save_dir, names[0])):
+                self.logger.warning("%s names %s, which does not exist",
+                                    os.path.join(self.save_dir, "last_checkpoint"), names[0])
+        ordered = []
+        for fname in names:
+            path = os.path.join(self.save_dir, fname)
+            if path not in ordered and os.path.isfile(path):
+                ordered.append(path)
+        return ordered
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """With ``resume``: load the newest checkpoint of ``save_dir`` that can be read (model and
+        all checkpointables; see ``candidate_checkpoints``). A truncated, corrupt or unreadable
+        file is skipped with a warning naming it. Without ``resume``, or when no checkpoint in
+        ``save_dir`` can be read (a warning then says so), only the model is loaded from ``path``
+        ("" keeps the initialization). ``resumed_from`` is set to the file resumed from, or None.
+
+        Returns:
+            the entries of the checkpoint not restored into an object (e.g. ``iteration``).
+        """
+        self.resumed_from = None
+        if resume:
+            skipped = []
+            for candidate in self.candidate_checkpoints():
+                try:
+                    checkpoint = self._load_file(candidate)
+                except (CheckpointError, OSError) as err:  # the message names the file
+                    self.logger.warning("Skipping a checkpoint that cannot be read: %s", err)
+                    skipped.append(os.path.basename(candidate))
+                    continue
+                if skipped:
+                    self.logger.warning("Resuming from %s instead of the newer %s, which cannot "
+                                        "be read", candidate, ", ".join(skipped))
+                self.logger.info("Resuming from checkpoint %s", candidate)
+                self.restored = []
+                self.resumed_from = candidate
+                return self._restore(checkpoint, candidate, None)
+            if skipped:
+                self.logger.warning(
+                    "No checkpoint in %s can be read (skipped %s); starting from %s",
+                    self.save_dir, ", ".join(skipped),
+                    f"MODEL.WEIGHTS {path}" if path else "scratch (no MODEL.WEIGHTS)")
+        return self.load(path, checkpointables=[])
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         loaded = load_checkpoint_file(filename)
@@ -237,8 +327,6 @@ class DetectionCheckpointer(Checkpointer):
         return super()._load_model(checkpoint)
 
 
-_PERIODIC_NAME = r"^{prefix}_(\d{{7}})\.pth$"
-
 
 class PeriodicCheckpointer(_FvPeriodicCheckpointer):
     """Saves ``<prefix>_<iteration:07d>.pth`` every ``period`` iterations and
@@ -256,6 +344,7 @@ class PeriodicCheckpointer(_FvPeriodicCheckpointer):
                          max_to_keep=max_to_keep or None, file_prefix=file_prefix)
         self._pattern = re.compile(_PERIODIC_NAME.format(prefix=re.escape(file_prefix)))
         self._scanned = False
+        self._last_saved = None  # (iteration, path) of the newest file written
 
     def _existing_older(self, iteration: int) -> List[str]:
         """Periodic checkpoints on disk from iterations before ``iteration``, oldest first."""
@@ -272,21 +361,37 @@ class PeriodicCheckpointer(_FvPeriodicCheckpointer):
     def step(self, iteration: int, **kwargs: Any) -> None:
         """Save if ``iteration`` (0-based, the one just finished) is due; prune old files."""
         iteration = int(iteration)
-        extra = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
-            if self.max_to_keep is not None and not self._scanned:
-                self.recent_checkpoints = self._existing_older(iteration)
-                self._scanned = True
-            name = f"{self.file_prefix}_{iteration:07d}"
-            self.checkpointer.save(name, **extra)
-            if self.max_to_keep is not None and self.checkpointer.save_to_disk:
-                path = os.path.join(self.checkpointer.save_dir, name + ".pth")
-                if path not in self.recent_checkpoints:
-                    self.recent_checkpoints.append(path)
-                while len(self.recent_checkpoints) > self.max_to_keep:
-                    old = self.recent_checkpoints.pop(0)
-                    if os.path.isfile(old):
-                        os.remove(old)
-                        logger.info("Deleted old checkpoint %s", old)
+            self._save_numbered(iteration, **kwargs)
         if self.max_iter is not None and iteration >= self.max_iter - 1:
-            self.checkpointer.save(f"{self.file_prefix}_final", **extra)
+            self._save(f"{self.file_prefix}_final", iteration, **kwargs)
+
+    def save_now(self, iteration: int, **kwargs: Any) -> str:
+        """Save ``<prefix>_<iteration>.pth`` outside the period (e.g. when training stops early),
+        unless ``step`` already saved this iteration; it is pruned like a periodic file.
+        Returns the path of the file holding this iteration."""
+        iteration = int(iteration)
+        if self._last_saved is not None and self._last_saved[0] == iteration:
+            return self._last_saved[1]
+        return self._save_numbered(iteration, **kwargs)
+
+    def _save(self, name: str, iteration: int, **kwargs: Any) -> str:
+        self.checkpointer.save(name, iteration=iteration, **kwargs)
+        path = os.path.join(self.checkpointer.save_dir, name + ".pth")
+        self._last_saved = (iteration, path)
+        return path
+
+    def _save_numbered(self, iteration: int, **kwargs: Any) -> str:
+        if self.max_to_keep is not None and not self._scanned:
+            self.recent_checkpoints = self._existing_older(iteration)
+            self._scanned = True
+        path = self._save(f"{self.file_prefix}_{iteration:07d}", iteration, **kwargs)
+        if self.max_to_keep is not None and self.checkpointer.save_to_disk:
+            if path not in self.recent_checkpoints:
+                self.recent_checkpoints.append(path)
+            while len(self.recent_checkpoints) > self.max_to_keep:
+                old = self.recent_checkpoints.pop(0)
+                if os.path.isfile(old):
+                    os.remove(old)
+                    logger.info("Deleted old checkpoint %s", old)
+        return path

@@ -10,7 +10,7 @@ import torch.utils.data as torchdata
 from detector.utils import comm
 
 from .catalog import DatasetCatalog, MetadataCatalog
-from .common import DatasetFromList, MapDataset, MappedTrainingStream
+from .common import DataLoader, DatasetFromList, MapDataset, MappedTrainingStream
 from .dataset_mapper import DatasetMapper
 from .samplers import (
     AspectRatioGroupedDataset,
@@ -66,12 +66,18 @@ def get_detection_dataset_dicts(
     return dataset_dicts
 
 
-def per_process_batch_size(total_batch_size: int, world_size: int) -> int:
-    """SOLVER.IMS_PER_BATCH split evenly across processes."""
-    if total_batch_size <= 0 or total_batch_size % world_size != 0:
-        raise ValueError(f"SOLVER.IMS_PER_BATCH={total_batch_size} must be a positive multiple of "
-                         f"the number of processes ({world_size})")
-    return total_batch_size // world_size
+def per_process_batch_size(total_batch_size: int, world_size: Optional[int] = None) -> int:
+    """SOLVER.IMS_PER_BATCH split evenly over ``world_size`` processes (default: the current
+    process group); a one-line ValueError when it is not positive or does not split evenly."""
+    world = comm.get_world_size() if world_size is None else int(world_size)
+    if total_batch_size <= 0:
+        raise ValueError(f"SOLVER.IMS_PER_BATCH must be positive, got {total_batch_size}")
+    if total_batch_size % world != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH={total_batch_size} is not divisible by the world size {world} "
+            f"(every process must get the same number of images)"
+        )
+    return total_batch_size // world
 
 
 def _trivial_batch_collator(batch):
@@ -103,9 +109,9 @@ def build_batch_data_loader(
     common = dict(num_workers=num_workers, worker_init_fn=_seed_worker,
                   generator=torch.Generator().manual_seed(seed))
     if aspect_ratio_grouping:
-        loader = torchdata.DataLoader(stream, batch_size=None, collate_fn=_identity, **common)
+        loader = DataLoader(stream, batch_size=None, collate_fn=_identity, **common)
         return AspectRatioGroupedDataset(loader, batch_size)
-    return torchdata.DataLoader(stream, batch_size=batch_size, drop_last=True,
+    return DataLoader(stream, batch_size=batch_size, drop_last=True,
                                 collate_fn=_trivial_batch_collator, **common)
 
 
@@ -140,12 +146,13 @@ def build_detection_train_loader(cfg, mapper: Optional[Callable[[dict], dict]] =
 def build_detection_test_loader(cfg, dataset_name: str,
                                 mapper: Optional[Callable[[dict], dict]] = None):
     """Loader over every image of ``dataset_name`` (no filtering), one image per batch, this
-    rank's contiguous shard only (InferenceSampler). Load errors propagate."""
+    rank's contiguous shard only (InferenceSampler). Load errors propagate, from worker
+    processes too with their original message (see ``common.unwrap_worker_error``)."""
     dataset_dicts = get_detection_dataset_dicts(dataset_name, filter_empty=False)
     if mapper is None:
         mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=False))
     dataset = MapDataset(DatasetFromList(dataset_dicts), mapper)
-    return torchdata.DataLoader(
+    return DataLoader(
         dataset,
         batch_size=1,
         sampler=InferenceSampler(len(dataset)),

@@ -1,6 +1,7 @@
 """Dataset wrappers used by the loaders: a compact list, a mapped view, a mapped training stream."""
 import logging
 import pickle
+import re
 from typing import Callable, List, Optional
 
 import numpy as np
@@ -10,7 +11,8 @@ from detector.utils import comm
 
 from .dataset_mapper import ImageLoadError
 
-__all__ = ["DatasetFromList", "MapDataset", "MappedTrainingStream"]
+__all__ = ["DatasetFromList", "MapDataset", "MappedTrainingStream", "DataLoader",
+           "unwrap_worker_error"]
 
 logger = logging.getLogger("detector.data")
 
@@ -104,3 +106,83 @@ class MappedTrainingStream(torchdata.IterableDataset):
             failures_in_a_row = 0
             if mapped is not None:  # a mapper may return None to drop an image
                 yield mapped
+
+
+# torch's ExceptionWrapper.reraise: "Caught <Type> in DataLoader worker process <N>.\nOriginal
+# Traceback (most recent call last): ... <module>.<Type>: <message>"
+_WORKER_ERROR = re.compile(
+    r"^Caught (?P<type>\w+) (?P<where>in DataLoader worker process \d+)\.\n"
+    r"Original (?P<traceback>.*)$", re.DOTALL)
+
+
+def _original_message(worker_traceback: str, type_name: str) -> Optional[str]:
+    """The message of the exception at the end of a formatted worker traceback."""
+    lines = worker_traceback.rstrip("\n").splitlines()
+    head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type_name)}(?:: (?P<msg>.*))?$")
+    for i in range(len(lines) - 1, -1, -1):
+        match = head.match(lines[i])
+        if match:
+            rest = [match.group("msg") or ""] + lines[i + 1:]
+            return "\n".join(rest).strip()
+    return None
+
+
+def unwrap_worker_error(err: BaseException) -> Optional[BaseException]:
+    """For an exception that torch re-raised from a data-loader worker (whose message starts
+    "Caught X in DataLoader worker process N." and holds the worker's traceback as text), a new
+    exception of the same type whose message is the worker's original message; the worker's
+    traceback is attached as a note. None for any other exception.
+
+    Errors from bad data name the file and image id in one line; torch's wrapper would turn that
+    line into the last of a long message whose first line names only the worker.
+    """
+    text = err.args[0] if len(err.args) == 1 and isinstance(err.args[0], str) else None
+    match = _WORKER_ERROR.match(text) if text is not None else None
+    if match is None:
+        return None
+    type_name = match.group("type")
+    message = _original_message(match.group("traceback"), type_name)
+    if message is None:
+        return None
+    new = None
+    if type(err).__name__ == type_name:
+        try:
+            new = type(err)(message)
+        except Exception:  # noqa: BLE001 - a constructor taking other arguments
+            new = None
+    if new is None:  # torch could not rebuild the type either and raised a RuntimeError
+        new = RuntimeError(f"{type_name}: {message}")
+    new.add_note(f"Raised {match.group('where')}:\n{match.group('traceback').rstrip()}")
+    return new
+
+
+class _OriginalWorkerErrors:
+    """Iterator of a DataLoader that re-raises worker errors with their original message."""
+
+    def __init__(self, iterator):
+        self._iterator = iterator
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __next__(self):
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except Exception as err:
+            original = unwrap_worker_error(err)
+            if original is None:
+                raise
+            raise original from None
+
+
+class DataLoader(torchdata.DataLoader):
+    """torch's DataLoader, except that an exception raised in a worker process reaches the caller
+    with its original one-line message (see :func:`unwrap_worker_error`) and type."""
+
+    def __iter__(self):
+        return _OriginalWorkerErrors(super().__iter__())

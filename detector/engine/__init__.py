@@ -1,9 +1,17 @@
 from . import hooks
-from .defaults import DefaultTrainer, default_argument_parser, default_setup, setup_cfg
+from .cli import (
+    default_argument_parser,
+    default_setup,
+    expected_world_size,
+    launch_from_args,
+    setup_cfg,
+)
+from .defaults import DefaultTrainer
 from .launch import launch
 from .train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 
 __all__ = [
-    "hooks", "DefaultTrainer", "default_argument_parser", "default_setup", "setup_cfg", "launch",
+    "hooks", "DefaultTrainer", "default_argument_parser", "default_setup", "setup_cfg",
+    "launch_from_args", "expected_world_size", "launch",
     "AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase",
 ]

@@ -1,37 +1,35 @@
-"""Standard command line, set-up and trainer shared by tools/train_net.py and tools/test_net.py."""
-import argparse
+"""The trainer built from a config: model, optimizer, data, scheduler, checkpointer, hooks and
+evaluation (the command-line helpers are in :mod:`detector.engine.cli`)."""
 import inspect
 import logging
 import os
-import sys
 from collections import OrderedDict
-from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from detector.checkpoint import CheckpointError, DetectionCheckpointer
-from detector.config import get_cfg
+from detector.checkpoint import (
+    CheckpointError,
+    DetectionCheckpointer,
+    load_backbone_weights_from_config,
+)
 from detector.data import (
     DatasetCatalog,
     MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
 )
+from detector.data.build import per_process_batch_size
 from detector.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
 from detector.modeling import build_model
 from detector.solver import ModelEMA, build_gradient_clipper, build_lr_scheduler, build_optimizer
 from detector.utils import comm
-from detector.utils.env import collect_env_info, seed_all_rng
 from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
-from detector.utils.logger import setup_logger
 
 from . import hooks
-from .launch import LaunchError, check_launch_arguments, launch, launched_by_torchrun
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
 
-__all__ = ["default_argument_parser", "setup_cfg", "default_setup", "DefaultTrainer",
-           "launch_from_args", "per_process_batch_size", "expected_world_size"]
+__all__ = ["DefaultTrainer", "check_num_classes"]
 
 
 # torch 2.13 renamed broadcast_buffers (which also skipped the initial sync) to
@@ -41,106 +39,6 @@ _DDP_NO_FORWARD_BUFFER_SYNC = (
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
     else {"broadcast_buffers": False}
 )
-
-
-def default_argument_parser(description: str = "detector training and evaluation"):
-    """detectron2's command line: --config-file, --resume, --eval-only, --num-gpus,
-    --num-machines, --machine-rank, --dist-url and KEY VALUE overrides."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Multi-node: torchrun --nnodes=2 --nproc_per_node=G --rdzv-backend=c10d "
-        "--rdzv-endpoint=HOST:PORT tools/train_net.py --config-file cfg.yaml",
-    )
-    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the last checkpoint in OUTPUT_DIR if there is one")
-    parser.add_argument("--eval-only", action="store_true", help="only evaluate MODEL.WEIGHTS")
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes to launch on this machine (one per GPU; CPU uses gloo)")
-    parser.add_argument("--num-machines", type=int, default=1, help="total machines")
-    parser.add_argument("--machine-rank", type=int, default=0, help="rank of this machine")
-    parser.add_argument("--dist-url", default="auto",
-                        help="rendezvous URL for --num-gpus/--num-machines launches")
-    parser.add_argument("opts", default=None, nargs=argparse.REMAINDER,
-                        help="config overrides as KEY VALUE pairs, e.g. SOLVER.BASE_LR 0.01")
-    return parser
-
-
-def setup_cfg(args):
-    """Defaults, then the config file, then the command-line overrides; frozen."""
-    cfg = get_cfg()
-    if args.config_file:
-        cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts or [])
-    cfg.freeze()
-    return cfg
-
-
-def default_setup(cfg, args):
-    """Create OUTPUT_DIR, set up logging, log the environment and config, seed every RNG."""
-    rank = comm.get_rank()
-    output_dir = cfg.OUTPUT_DIR
-    if comm.is_main_process() and output_dir:
-        os.makedirs(output_dir, exist_ok=True)
-    setup_logger(output_dir, distributed_rank=rank, name="detector")
-    logger = logging.getLogger("detector")
-    logger.info("Rank %d of world size %d", rank, comm.get_world_size())
-    logger.info("Environment:\n%s", collect_env_info())
-    logger.info("Command line: %s", " ".join(sys.argv))
-    if comm.is_main_process() and output_dir:
-        path = os.path.join(output_dir, "config.yaml")
-        with open(path + ".tmp", "w") as f:
-            f.write(cfg.dump())
-        os.replace(path + ".tmp", path)
-        logger.info("Full config saved to %s", path)
-    # a distinct seed per rank keeps augmentation independent across processes
-    seed = cfg.SEED if cfg.SEED < 0 else cfg.SEED + rank
-    seed_all_rng(seed)
-    if cfg.CUDNN_BENCHMARK and torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
-
-
-def per_process_batch_size(total: int, world_size: Optional[int] = None) -> int:
-    """SOLVER.IMS_PER_BATCH split over ``world_size`` processes (default: the current group);
-    a one-line ValueError when it does not split evenly."""
-    world = comm.get_world_size() if world_size is None else int(world_size)
-    if total <= 0 or total % world != 0:
-        raise ValueError(
-            f"SOLVER.IMS_PER_BATCH={total} is not divisible by the world size {world} "
-            f"(every process must get the same number of images)"
-        )
-    return total // world
-
-
-def expected_world_size(args) -> int:
-    """Processes the run will have, known before they start: torchrun's WORLD_SIZE, else
-    --num-gpus x --num-machines."""
-    if launched_by_torchrun():
-        return int(os.environ["WORLD_SIZE"])
-    return max(1, args.num_gpus) * max(1, args.num_machines)
-
-
-def launch_from_args(main_func, args, prog: str):
-    """Entry of the command-line tools: checks what can be checked before any process starts
-    (the config and overrides, the launch flags, SOLVER.IMS_PER_BATCH against the world size
-    unless --eval-only), then runs ``main_func(args)`` through :func:`launch` with the collective
-    timeout DIST.TIMEOUT_MINUTES. Bad input and failed processes end in ``SystemExit`` with one
-    line "<prog>: error: ..."."""
-    try:
-        cfg = setup_cfg(args)
-        launch_kwargs = dict(num_machines=args.num_machines, machine_rank=args.machine_rank,
-                             dist_url=args.dist_url, timeout_minutes=cfg.DIST.TIMEOUT_MINUTES)
-        check_launch_arguments(args.num_gpus, **launch_kwargs)
-        if not getattr(args, "eval_only", False):
-            per_process_batch_size(cfg.SOLVER.IMS_PER_BATCH, expected_world_size(args))
-    except ValueError as err:
-        raise SystemExit(f"{prog}: error: {err}") from None
-    try:
-        return launch(main_func, args.num_gpus, args=(args,), report_errors=True,
-                      **launch_kwargs)
-    except LaunchError as err:
-        raise SystemExit(f"{prog}: error: {err}") from None
 
 
 class DefaultTrainer(TrainerBase):
@@ -154,6 +52,8 @@ class DefaultTrainer(TrainerBase):
         logger.info("IMS_PER_BATCH=%d over %d process(es): %d image(s) per process",
                     cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size(), batch)
         model = self.build_model(cfg)
+        # ImageNet backbone weights; MODEL.WEIGHTS or a resumed checkpoint replaces them later
+        load_backbone_weights_from_config(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         # every rank keeps its own average: DDP keeps the parameters equal, so the averages are too
@@ -195,13 +95,19 @@ class DefaultTrainer(TrainerBase):
         return self._trainer.optimizer
 
     def resume_or_load(self, resume: bool = True):
-        """With ``resume`` and a checkpoint in OUTPUT_DIR, continue from it (model, optimizer,
-        scheduler, iteration); otherwise load MODEL.WEIGHTS (if any) and start at iteration 0."""
+        """With ``resume``, continue from the newest checkpoint in OUTPUT_DIR that can be read
+        (model, optimizer, scheduler, iteration; unreadable ones are skipped with a warning);
+        otherwise, or if there is none, load MODEL.WEIGHTS (if any) and start at iteration 0."""
         logger = logging.getLogger("detector")
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
+        if self.checkpointer.resumed_from is not None:
             self.start_iter = checkpoint.get("iteration", -1) + 1
             logger.info("Resuming at iteration %d", self.start_iter)
+        if comm.get_world_size() > 1:
+            starts = comm.all_gather(self.start_iter)
+            if len(set(starts)) > 1:
+                raise RuntimeError(f"Ranks would start at different iterations {starts}: every "
+                                   f"process must see the same OUTPUT_DIR ({self.cfg.OUTPUT_DIR})")
         if self.ema is not None and "ema" not in self.checkpointer.restored:
             # the average starts from the weights training starts from, not the initialization
             if self.start_iter > 0:
@@ -230,6 +136,9 @@ class DefaultTrainer(TrainerBase):
             ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
+        # last: its handlers stay until the checkpoint of an early stop is written
+        ret.append(hooks.StopOnSignal(hooks.parse_signals(
+            cfg.SOLVER.CHECKPOINT_ON_SIGNALS, key="SOLVER.CHECKPOINT_ON_SIGNALS")))
         return ret
 
     def build_writers(self):
@@ -307,8 +216,12 @@ class DefaultTrainer(TrainerBase):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_dir=None):
         """A COCOEvaluator for a registered dataset (its metadata gives the GT json and ids)."""
-        DatasetCatalog.get(dataset_name)  # materializes generated datasets and their json
         meta = MetadataCatalog.get(dataset_name)
+        json_file = meta.get("json_file")
+        if not (json_file and os.path.isfile(json_file) and meta.get("thing_classes")):
+            # generated datasets write their json, custom ones set their classes, when loaded;
+            # test() builds the loader first, so the annotations are not read a second time
+            DatasetCatalog.get(dataset_name)
         if getattr(meta, "evaluator_type", "coco") != "coco":
             raise NotImplementedError(f"No evaluator for dataset '{dataset_name}'")
         id_map = {v: k for k, v in meta.thing_dataset_id_to_contiguous_id.items()}
@@ -329,6 +242,7 @@ class DefaultTrainer(TrainerBase):
         results = OrderedDict()
         for idx, dataset_name in enumerate(cfg.DATASETS.TEST):
             data_loader = cls.build_test_loader(cfg, dataset_name)
+            check_num_classes(model, dataset_name)
             evaluator = (evaluators[idx] if evaluators is not None
                          else cls.build_evaluator(cfg, dataset_name))
             if isinstance(evaluator, (list, tuple)):
@@ -342,6 +256,19 @@ class DefaultTrainer(TrainerBase):
         if len(results) == 1:
             results = list(results.values())[0]
         return results
+
+
+def check_num_classes(model, dataset_name: str) -> None:
+    """A one-line ValueError when ``model`` predicts a different number of classes than the
+    dataset has: its predictions would be labelled with the wrong categories."""
+    num_classes = getattr(comm.unwrap_model(model), "num_classes", None)
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if num_classes is None or classes is None or int(num_classes) == len(classes):
+        return
+    key = getattr(comm.unwrap_model(model), "num_classes_key", "the model's NUM_CLASSES")
+    raise ValueError(f"The model predicts {num_classes} classes ({key}) but dataset "
+                     f"'{dataset_name}' has {len(classes)}; set {key} {len(classes)} for this "
+                     f"dataset, or evaluate on a dataset with {num_classes} classes")
 
 
 def _format_results(results):

@@ -1,10 +1,14 @@
 """Standard training hooks. Register them in this order so each sees the previous ones' output:
-IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (last: it
-writes what the others put into the EventStorage during the same iteration)."""
+IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (it
+writes what the others put into the EventStorage during the same iteration), StopOnSignal (last,
+so that its handlers stay in place until the others' after_train, e.g. the checkpoint written
+when training stops early, are done)."""
 import datetime
 import logging
+import signal
+import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -16,8 +20,7 @@ from .train_loop import HookBase
 
 __all__ = [
     "CallbackHook", "IterationTimer", "LRScheduler", "EMAUpdate", "PeriodicCheckpointer",
-    "EvalHook",
-    "PeriodicWriter", "flatten_results_dict",
+    "EvalHook", "PeriodicWriter", "StopOnSignal", "flatten_results_dict", "parse_signals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,13 +138,88 @@ class EMAUpdate(HookBase):
 class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
     """Saves ``model_<iter>.pth`` every ``period`` iterations (keeping the newest ``max_to_keep``,
     None/0 = all) and ``model_final.pth`` after the last iteration. ``max_iter`` defaults to the
-    trainer's. Same arguments as ``detector.checkpoint.PeriodicCheckpointer``."""
+    trainer's. When the trainer stops early on a signal, ``model_<iter>.pth`` of the iteration it
+    stopped after is written too (and named in ``trainer.stop_checkpoint``). Same arguments as
+    ``detector.checkpoint.PeriodicCheckpointer``."""
 
     def before_train(self):
         self.max_iter = self.trainer.max_iter
 
     def after_step(self):
         self.step(self.trainer.iter)
+
+    def after_train(self):
+        if self.trainer.stop_signal is not None and self.checkpointer.save_to_disk:
+            self.trainer.stop_checkpoint = self.save_now(self.trainer.iter)
+
+
+SignalSpec = Union[str, int, signal.Signals]
+
+
+def parse_signals(names: Sequence[SignalSpec], key: str = "signals") -> List[signal.Signals]:
+    """Signal names ("SIGTERM", "TERM") or numbers -> ``signal.Signals``, in order, without
+    duplicates. Names this platform lacks (SIGUSR1 on Windows) are skipped with a warning.
+
+    Raises:
+        ValueError: (one line naming ``key``) an unknown name, or SIGKILL/SIGSTOP, which no
+            process can handle.
+    """
+    result: List[signal.Signals] = []
+    for spec in names:
+        if isinstance(spec, str):
+            name = spec.strip().upper()
+            name = name if name.startswith("SIG") else "SIG" + name
+            if name not in signal.Signals.__members__:
+                if name in ("SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGALRM"):
+                    logger.warning("%s: %s does not exist on this platform; ignored", key, spec)
+                    continue
+                raise ValueError(f"{key}: unknown signal {spec!r}; expected names such as "
+                                 "SIGTERM, SIGINT or SIGUSR1")
+            sig = signal.Signals[name]
+        else:
+            try:
+                sig = signal.Signals(int(spec))
+            except ValueError:
+                raise ValueError(f"{key}: unknown signal number {spec!r}") from None
+        if sig in (getattr(signal, "SIGKILL", None), getattr(signal, "SIGSTOP", None)):
+            raise ValueError(f"{key}: {sig.name} cannot be caught by any process")
+        if sig not in result:
+            result.append(sig)
+    return result
+
+
+class StopOnSignal(HookBase):
+    """During training, the given signals make the trainer stop after the current iteration
+    (see ``TrainerBase.request_stop``): it saves a checkpoint (with a PeriodicCheckpointer
+    hook) and ``train`` raises ``TrainingInterrupted`` (exit status 128 + signal number). The
+    handler only records the signal. The previous handlers are back after training.
+
+    Handlers can only be installed from the main thread; elsewhere the hook warns and does
+    nothing. Args: ``signals``: names or numbers, e.g. ``("SIGINT", "SIGTERM", "SIGUSR1")``.
+    """
+
+    def __init__(self, signals: Sequence[SignalSpec] = ("SIGINT", "SIGTERM", "SIGUSR1")):
+        self.signals = parse_signals(signals)
+        self._previous: Dict[signal.Signals, Any] = {}
+
+    def _handle(self, signum, frame):
+        self.trainer.request_stop(signum)
+
+    def before_train(self):
+        if not self.signals:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("Training runs outside the main thread: %s will not stop it with a "
+                           "checkpoint", ", ".join(s.name for s in self.signals))
+            return
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def after_train(self):
+        for sig, previous in self._previous.items():
+            # None: the previous handler was not installed from Python; the default is closest
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
 
 
 def flatten_results_dict(results: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -14,18 +14,29 @@ machine died.
 A failing process's traceback is shown once on stderr (not again when the trainer already logged
 it to the terminal), then ``launch`` raises :class:`LaunchError` with a one-line summary naming
 the rank; the command-line tools print that line and exit with status 1.
+
+Stopping: the spawning process forwards SIGINT, SIGTERM and SIGUSR1 (``forward_signals``) to
+its workers and waits for all of them; the trainers stop after the same iteration, rank 0 saves
+a checkpoint, and ``launch`` raises :class:`TrainingInterrupted` (a ``SystemExit`` with status
+128 + signal number, the workers' own status). Workers get SIGINT when the spawning process
+dies (set by torch), so even a killed launcher leaves a checkpoint. Under torchrun, torchrun
+forwards the signals it handles itself. A Ctrl-C that interrupts a process before its training
+loop started ends it with one line and status 130 instead of a traceback.
 """
 import datetime
 import json
 import logging
+import multiprocessing.connection
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -33,12 +44,20 @@ import torch.multiprocessing as mp
 
 from detector.utils import comm
 
+from .train_loop import TrainingInterrupted, signal_exit_status
+
 __all__ = ["launch", "launched_by_torchrun", "default_backend", "check_launch_arguments",
-           "run_reporting_errors", "LaunchError", "DEFAULT_TIMEOUT_MINUTES"]
+           "run_reporting_errors", "LaunchError", "DEFAULT_TIMEOUT_MINUTES", "FORWARDED_SIGNALS"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_MINUTES = 30
+# relayed by the spawning process to its workers (those that exist on this platform)
+FORWARDED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1")
+                          if hasattr(signal, name))
+# exit statuses of processes that stopped on a signal they handle (none can handle these two)
+_STOP_STATUSES = frozenset(signal_exit_status(s) for s in signal.Signals
+                           if s.name not in ("SIGKILL", "SIGSTOP"))
 
 
 class LaunchError(RuntimeError):
@@ -66,7 +85,8 @@ def _find_free_port() -> int:
 
 def launch(main_func, num_processes_per_machine: int = 1, *, num_machines: int = 1,
            machine_rank: int = 0, dist_url: str = "auto", args=(),
-           timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, report_errors: bool = False):
+           timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES, report_errors: bool = False,
+           forward_signals: Sequence[int] = FORWARDED_SIGNALS):
     """Run ``main_func(*args)`` in every process of the job.
 
     Under torchrun the current process joins the group described by the environment and the
@@ -76,8 +96,12 @@ def launch(main_func, num_processes_per_machine: int = 1, *, num_machines: int =
     and its exceptions propagate unchanged, unless ``report_errors`` (as in the command-line
     tools) turns them into a LaunchError too.
 
+    When this process gets one of ``forward_signals`` while spawned processes run, it sends
+    the signal to each of them and waits until all have exited.
+
     Raises:
         LaunchError: a process failed (exception, crash or kill); the others have been stopped.
+        TrainingInterrupted: the processes stopped on a signal (status 128 + signal number).
     """
     check_launch_arguments(num_processes_per_machine, num_machines=num_machines,
                            machine_rank=machine_rank, dist_url=dist_url,
@@ -93,22 +117,98 @@ def launch(main_func, num_processes_per_machine: int = 1, *, num_machines: int =
     if dist_url == "auto":
         dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
     failure_dir = tempfile.mkdtemp(prefix="detector-launch-")
+    first_rank = machine_rank * num_processes_per_machine
     try:
-        mp.start_processes(
-            _spawned_worker,
-            nprocs=num_processes_per_machine,
-            args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url, args,
-                  timeout, failure_dir),
-            daemon=False,
-            start_method="spawn",
-        )
+        with _SignalForwarder(forward_signals) as forwarder:
+            context = mp.start_processes(
+                _spawned_worker,
+                nprocs=num_processes_per_machine,
+                args=(main_func, world_size, num_processes_per_machine, machine_rank, dist_url,
+                      args, timeout, failure_dir),
+                daemon=False,
+                start_method="spawn",
+                join=False,
+            )
+            forwarder.watch(context.processes)
+            _join_workers(context, forwarder, failure_dir, first_rank, world_size)
     except (mp.ProcessExitedException, mp.ProcessRaisedException) as err:
         # torch has already terminated the surviving processes
-        raise _spawn_failure(err, failure_dir, machine_rank * num_processes_per_machine,
-                             world_size) from None
+        raise _spawn_failure(err, failure_dir, first_rank, world_size) from None
     finally:
         shutil.rmtree(failure_dir, ignore_errors=True)
     return None
+
+
+class _SignalForwarder:
+    """While active, relays the given signals to the watched processes and records them."""
+
+    def __init__(self, signals: Sequence[int]):
+        self.signals = list(signals)
+        self.received: List[int] = []
+        self._pids: List[int] = []
+        self.finished: set = set()  # pids already reaped, never signalled again
+        self._previous = {}
+
+    def __enter__(self) -> "_SignalForwarder":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._forward)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+    def watch(self, processes) -> None:
+        self._pids = [p.pid for p in processes]
+        for sig in self.received:  # arrived while the processes were starting
+            self._send(sig)
+
+    def _forward(self, signum, frame) -> None:
+        self.received.append(signum)
+        self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        for pid in self._pids:
+            if pid not in self.finished:
+                try:
+                    os.kill(pid, signum)
+                except ProcessLookupError:
+                    pass
+
+
+def _join_workers(context, forwarder: _SignalForwarder, failure_dir: str, first_rank: int,
+                  world_size: int) -> None:
+    """Wait for the spawned processes. A failure raises as in ``ProcessContext.join``. Once a
+    signal was forwarded, or a worker exited with the status of a stop on a signal (after its
+    peers agreed to stop too), every process is awaited without terminating any."""
+    while not forwarder.received:
+        ready = multiprocessing.connection.wait(list(context.sentinels), timeout=0.5)
+        if any(context.processes[context.sentinels[s]].exitcode in _STOP_STATUSES for s in ready):
+            break
+        # success, or a failure: torch then terminates the others and raises
+        if context.join(timeout=0):
+            return
+    for process in context.processes:
+        process.join()
+        forwarder.finished.add(process.pid)
+    codes = [p.exitcode for p in context.processes]
+    if all(code == 0 for code in codes):
+        return  # the signal came after the processes had finished their work
+    if any(name.endswith(".json") for name in os.listdir(failure_dir)):
+        index = next((i for i, c in enumerate(codes) if c not in (0, *_STOP_STATUSES)), 0)
+        raise _spawn_failure(
+            mp.ProcessExitedException(f"process {index} exited with {codes[index]}",
+                                      error_index=index, error_pid=context.processes[index].pid,
+                                      exit_code=codes[index]),
+            failure_dir, first_rank, world_size)
+    status = next((c for c in codes if c in _STOP_STATUSES), None)
+    signum = status - 128 if status is not None else forwarder.received[0]
+    if status is None:
+        sys.stderr.write(f"Interrupted by {signal.Signals(signum).name}: the processes ended "
+                         f"without saving a checkpoint (exit codes {codes})\n")
+        sys.stderr.flush()
+    raise TrainingInterrupted(signum)
 
 
 def check_launch_arguments(num_processes_per_machine: int, *, num_machines: int = 1,
@@ -151,6 +251,12 @@ def run_reporting_errors(main_func, args=(), *, rank: int = 0, world_size: int =
         if not recorder.was_shown(err):
             _print_traceback(rank if world_size > 1 else None, traceback.format_exc())
         raise LaunchError(_describe_exception(rank, world_size, err), rank=rank) from None
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop that handles it: no traceback
+        who = f"rank {rank}: " if world_size > 1 else ""
+        sys.stderr.write(f"{who}Interrupted by SIGINT; exiting with status "
+                         f"{signal_exit_status(signal.SIGINT)}\n")
+        sys.stderr.flush()
+        raise TrainingInterrupted(signal.SIGINT) from None
     finally:
         recorder.uninstall()
 
@@ -200,6 +306,12 @@ def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_
             json.dump(record, f)
         os.replace(path + ".tmp", path)
         sys.exit(1)  # not an exception: torch's spawn wrapper would print it a second time
+    except KeyboardInterrupt:  # outside a training loop that handles SIGINT
+        if local_rank == 0:
+            sys.stderr.write(f"Interrupted by SIGINT; exiting with status "
+                             f"{signal_exit_status(signal.SIGINT)}\n")
+        # torch's wrapper would exit with 0, as if the run had completed
+        sys.exit(signal_exit_status(signal.SIGINT))
     finally:
         _destroy()
 

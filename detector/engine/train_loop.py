@@ -7,22 +7,68 @@
 
 ``self.iter`` is the iteration being run; after a complete run it equals ``max_iter`` (hooks use
 this to tell success from failure).
+
+Stopping early: ``request_stop(signum)`` (called by the ``StopOnSignal`` hook's signal handler,
+which does nothing else) makes the loop end after the current iteration, hooks included. With
+several processes the request is combined over ranks after every iteration (an all-reduce MAX
+of one integer), so every rank ends after the same iteration even if only one got the signal.
+``after_train`` then runs as after a failure (``iter`` < ``max_iter``: no final evaluation),
+the ``PeriodicCheckpointer`` hook writes ``model_<iter>.pth`` on rank 0, the ranks wait for each
+other, one line is logged and :class:`TrainingInterrupted` is raised: a ``SystemExit`` with
+status 128 + the signal number (130 SIGINT, 138 SIGUSR1, 143 SIGTERM), as a shell reports a
+process killed by that signal. The checkpoint holds the iteration the loop stopped after;
+``--resume`` continues at the next one.
 """
 import logging
 import math
+import signal
 import time
 import weakref
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from detector.utils import comm
 from detector.utils.events import EventStorage, get_event_storage
 
-__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer"]
+__all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "TrainingInterrupted",
+           "signal_exit_status"]
 
 logger = logging.getLogger(__name__)
+
+
+def signal_exit_status(signum: int) -> int:
+    """128 + ``signum``: the status with which training stopped by that signal exits."""
+    return 128 + int(signum)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped early on request (a signal), after saving its state. A ``SystemExit``
+    so that, uncaught, the process exits quietly with ``code`` = 128 + signal number; generic
+    ``except Exception`` handlers do not swallow it.
+
+    Attributes:
+        signum: the signal that asked for the stop.
+        iteration: the last iteration completed (None: stopped outside the training loop).
+    """
+
+    def __init__(self, signum: int, iteration: Optional[int] = None):
+        super().__init__(signal_exit_status(signum))
+        self.signum = int(signum)
+        self.iteration = iteration
+
+    @property
+    def signal_name(self) -> str:
+        return _signal_name(self.signum)
 
 
 class HookBase:
@@ -60,6 +106,12 @@ class TrainerBase:
         self.start_iter: int = 0
         self.max_iter: int = 0
         self.storage: Optional[EventStorage] = None
+        # signal number of a pending stop request (0: none); set from signal handlers
+        self._stop_request: int = 0
+        # the signal the ranks agreed to stop on, once the loop has stopped early
+        self.stop_signal: Optional[int] = None
+        # file holding the state at the early stop, set by the hook that saved it
+        self.stop_checkpoint: Optional[str] = None
 
     def register_hooks(self, hooks: Iterable[Optional[HookBase]]) -> None:
         """Append hooks (None entries are skipped); they run in registration order."""
@@ -72,10 +124,17 @@ class TrainerBase:
         self._hooks.extend(hooks)
 
     def train(self, start_iter: int, max_iter: int) -> None:
-        """Run iterations ``start_iter .. max_iter - 1``."""
+        """Run iterations ``start_iter .. max_iter - 1``.
+
+        Raises:
+            TrainingInterrupted: ``request_stop`` was called; the loop ended after the current
+                iteration and ``after_train`` ran (see the module docstring).
+        """
         logger.info("Starting training from iteration %d", start_iter)
         self.iter = self.start_iter = int(start_iter)
         self.max_iter = int(max_iter)
+        self.stop_signal = self.stop_checkpoint = None
+        self._stop_request = 0
         with EventStorage(start_iter) as self.storage:
             failed = True
             try:
@@ -84,8 +143,15 @@ class TrainerBase:
                     self.before_step()
                     self.run_step()
                     self.after_step()
-                # marks a complete run for after_train (the loop leaves iter at max_iter - 1)
-                self.iter = self.max_iter
+                    agreed = self._agreed_stop_request()
+                    if agreed:
+                        self.stop_signal = agreed
+                        logger.info("%s received: stopping after iteration %d",
+                                    _signal_name(agreed), self.iter)
+                        break
+                else:
+                    # marks a complete run for after_train (the loop leaves iter at max_iter - 1)
+                    self.iter = self.max_iter
                 failed = False
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
@@ -98,6 +164,37 @@ class TrainerBase:
                         logger.exception("after_train also failed")
                 else:
                     self.after_train()
+        if self.stop_signal is not None:
+            self._exit_after_stop()
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask ``train`` to stop after the current iteration. Only records the request, so it
+        may be called from a signal handler; the first request's signal is kept."""
+        if not self._stop_request:
+            self._stop_request = int(signum)
+
+    def _agreed_stop_request(self) -> int:
+        """The stop request combined over ranks (the largest signal number, 0 = go on). Every
+        rank calls this after every iteration, so all of them stop after the same one."""
+        if comm.get_world_size() == 1:
+            return self._stop_request
+        device = torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([self._stop_request], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
+    def _exit_after_stop(self) -> None:
+        # rank 0 may still be writing the checkpoint: no rank exits (and has its launcher stop
+        # the others) before it is complete
+        comm.synchronize()
+        saved = (f", saved {self.stop_checkpoint} (continue with --resume)"
+                 if self.stop_checkpoint else "")
+        logger.info("Stopped by %s after iteration %d%s; exiting with status %d",
+                    _signal_name(self.stop_signal), self.iter, saved,
+                    signal_exit_status(self.stop_signal))
+        raise TrainingInterrupted(self.stop_signal, self.iter)
 
     def before_train(self) -> None:
         for h in self._hooks:
@@ -148,15 +245,6 @@ class TrainerBase:
                     break
             else:
                 logger.warning("No hook '%s' to restore its saved state into", key)
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
 
 
 class SimpleTrainer(TrainerBase):
@@ -262,7 +350,7 @@ class AMPTrainer(SimpleTrainer):
     def __init__(self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                  *, grad_clipper: Optional[Callable] = None, grad_scaler=None):
         super().__init__(model, data_loader, optimizer, grad_clipper=grad_clipper)
-        self.device_type = _model_device(model).type
+        self.device_type = comm.model_device(model).type
         if self.device_type == "cuda":
             self.amp_dtype = torch.float16
             self.grad_scaler = grad_scaler or torch.amp.GradScaler("cuda")

@@ -37,13 +37,15 @@ _SUMMARY_LAYOUT = (
 
 
 def check_backend(backend: str) -> str:
-    """Return ``backend`` if it is a known backend name, else raise a one-line ValueError."""
-    if backend not in VALID_BACKENDS:
+    """The canonical name of ``backend`` ("pycocotools" or "faster_coco_eval"; the package name
+    "faster-coco-eval" is accepted too), else a one-line ValueError."""
+    canonical = backend.replace("-", "_") if isinstance(backend, str) else backend
+    if canonical not in VALID_BACKENDS:
         raise ValueError(
             f"Unknown COCO evaluation backend '{backend}'; "
-            f"valid backends: {', '.join(VALID_BACKENDS)}"
+            f"valid backends: {', '.join(VALID_BACKENDS)} (or faster-coco-eval)"
         )
-    return backend
+    return canonical
 
 
 def check_iou_type(iou_type: str) -> str:
@@ -59,7 +61,7 @@ def get_coco_api(backend: str) -> Tuple[type, type]:
     and accumulation); its constructor defaults (no LVIS rules, pycocotools area ranges, area from
     the annotation) already equal pycocotools' parameters.
     """
-    check_backend(backend)
+    backend = check_backend(backend)
     if backend == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -111,6 +113,7 @@ def run_coco_eval(coco_gt, coco_dt, iou_type: str, backend: str,
                   img_ids: Optional[Sequence[int]] = None) -> CocoEvalRun:
     """Run COCOeval of ``backend`` with default parameters, optionally only on ``img_ids``."""
     check_iou_type(iou_type)
+    backend = check_backend(backend)
     _, cocoeval_cls = get_coco_api(backend)
     summary_lines: List[str] = []
     timings = {}

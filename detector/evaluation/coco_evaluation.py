@@ -3,7 +3,7 @@ import itertools
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from .coco_json import (
 )
 from .evaluator import DatasetEvaluator
 
-__all__ = ["COCOEvaluator", "instances_to_coco_json", "RESULTS_FILE_NAME"]
+__all__ = ["COCOEvaluator", "instances_to_coco_json", "load_checked_gt", "RESULTS_FILE_NAME"]
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +110,29 @@ def _format_category_table(aps: Dict[str, float], columns: int = 3) -> str:
         chunk += [("", "")] * (per_row - len(chunk))
         rows.append("| " + " | ".join(f"{n:<{name_w}} | {a:<{ap_w}}" for n, a in chunk) + " |")
     return "\n".join(rows)
+
+
+# (path, mtime, size) -> checked ground truth of the last file loaded; periodic evaluations
+# during training then parse the (possibly large) json once, not once per evaluation
+_GT_CACHE: Dict[Tuple[str, int, int], dict] = {}
+
+
+def load_checked_gt(gt_json: str, iou_type: str = "bbox") -> dict:
+    """The checked ground-truth dict of ``gt_json`` (see ``check_coco_gt``). The last file read
+    is kept in memory and reused while its modification time and size are unchanged."""
+    try:
+        stat = os.stat(gt_json)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"ground-truth file not found: {gt_json}") from None
+    key = (os.path.abspath(gt_json), stat.st_mtime_ns, stat.st_size)
+    gt = _GT_CACHE.get(key)
+    if gt is None:
+        gt = load_json_file(gt_json, "ground-truth")
+        _GT_CACHE.clear()
+    # checks are cheap next to parsing; segm needs more than bbox, so always run them
+    gt = check_coco_gt(gt, gt_json, iou_type)
+    _GT_CACHE[key] = gt
+    return gt
 
 
 class COCOEvaluator(DatasetEvaluator):
@@ -231,9 +254,7 @@ class COCOEvaluator(DatasetEvaluator):
 
     def _load_gt(self) -> dict:
         if self._gt is None:
-            needs_segm = "segm" in self._iou_types
-            gt = check_coco_gt(load_json_file(self._gt_json, "ground-truth"), self._gt_json,
-                               "segm" if needs_segm else "bbox")
+            gt = load_checked_gt(self._gt_json, "segm" if "segm" in self._iou_types else "bbox")
             gt_cat_ids = {c["id"] for c in gt["categories"]}
             for contiguous, dataset_id in sorted(self._id_map.items()):
                 if dataset_id not in gt_cat_ids:

@@ -157,7 +157,7 @@ def evaluate_coco_json(gt_json: str, results_json: str, iou_type: str = "bbox",
     COCOeval reports the metric as undefined) and ``{category name: AP@[.5:.95]}`` (fractions, NaN
     for a category without ground truth). An empty results list logs a warning and gives zeros.
     """
-    check_backend(backend)
+    backend = check_backend(backend)
     check_iou_type(iou_type)
     tic = time.perf_counter()
     gt = check_coco_gt(load_json_file(gt_json, "ground-truth"), gt_json, iou_type)

@@ -59,14 +59,6 @@ class DatasetEvaluators(DatasetEvaluator):
         return results
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -102,7 +94,7 @@ def inference_on_dataset(model: nn.Module, data_loader, evaluator: Optional[Data
     except TypeError:
         total = None
     num_warmup = min(5, total - 1) if total else 5
-    device = _model_device(model)
+    device = comm.model_device(model)
     world = comm.get_world_size()
     logger.info("Start inference on %s batches (%d process(es))",
                 total if total is not None else "an unknown number of", world)

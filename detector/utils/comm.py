@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "unwrap_model",
+    "unwrap_model", "model_device",
     "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
     "all_gather", "gather", "reduce_dict", "all_reduce_sum",
 ]
@@ -88,3 +88,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DistributedDataParallel / DataParallel wrapper (else ``model``)."""
     wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
     return model.module if isinstance(model, wrappers) else model
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``: its ``device`` attribute (the detectors have one), else that of
+    its first parameter, else the CPU."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")

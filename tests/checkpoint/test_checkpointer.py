@@ -291,3 +291,97 @@ def test_missing_and_unexpected_keys_are_logged(tmp_path, log_records):
     assert "not found in the checkpoint" in text and "fc.bias" in text
     assert "not used by the model" in text and "extra_head" in text
     assert torch.equal(target.fc.weight, source.fc.weight)
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_candidates_newest_first_with_last_checkpoint_first(tmp_path):
+    model, _, _ = _training_state(0)
+    ckpt = DetectionCheckpointer(model, str(tmp_path), save_to_disk=True)
+    assert ckpt.candidate_checkpoints() == []
+    for name in ("model_final", "model_0000009", "model_0000019", "model_0000004", "other"):
+        ckpt.save(name)
+    (tmp_path / "model_12.pth").write_bytes(b"not a periodic name")
+    ckpt.tag_last_checkpoint("model_0000009.pth")
+    names = [os.path.basename(p) for p in ckpt.candidate_checkpoints()]
+    assert names == ["model_0000009.pth", "model_0000019.pth", "model_0000004.pth",
+                     "model_final.pth"]
+    ckpt.tag_last_checkpoint("gone.pth")
+    assert os.path.basename(ckpt.candidate_checkpoints()[0]) == "model_0000019.pth"
+
+
+def test_resume_takes_the_newest_readable_checkpoint(tmp_path, log_records):
+    model, optimizer, scheduler = _training_state(0)
+    ckpt = DetectionCheckpointer(model, str(tmp_path), optimizer=optimizer, scheduler=scheduler,
+                                 save_to_disk=True)
+    for it in (4, 9, 14):
+        _train_a_bit(model, optimizer, scheduler, steps=1)
+        ckpt.save(f"model_{it:07d}", iteration=it)
+    weights_at_9 = torch.load(tmp_path / "model_0000009.pth", weights_only=True)["model"]
+    _truncate(tmp_path / "model_0000014.pth")
+
+    fresh, fresh_opt, fresh_sched = _training_state(1)
+    loader = DetectionCheckpointer(fresh, str(tmp_path), optimizer=fresh_opt,
+                                   scheduler=fresh_sched)
+    rest = loader.resume_or_load("", resume=True)
+    assert rest["iteration"] == 9
+    assert loader.resumed_from == str(tmp_path / "model_0000009.pth")
+    assert set(loader.restored) == {"optimizer", "scheduler"}
+    assert torch.equal(fresh.fc.weight, weights_at_9["fc.weight"])
+    text = "\n".join(log_records)
+    assert f"Cannot read checkpoint {tmp_path / 'model_0000014.pth'}" in text
+    assert (f"Resuming from {tmp_path / 'model_0000009.pth'} instead of the newer "
+            f"model_0000014.pth, which cannot be read") in text
+
+
+def test_resume_without_readable_checkpoint_loads_the_weights(tmp_path, log_records):
+    model, _, _ = _training_state(0)
+    DetectionCheckpointer(model, str(tmp_path / "init"), save_to_disk=True).save("weights")
+    run = tmp_path / "run"
+    ckpt = DetectionCheckpointer(model, str(run), save_to_disk=True)
+    ckpt.save("model_0000004", iteration=4)
+    _truncate(run / "model_0000004.pth")
+
+    fresh, _, _ = _training_state(1)
+    loader = DetectionCheckpointer(fresh, str(run))
+    rest = loader.resume_or_load(str(tmp_path / "init" / "weights.pth"), resume=True)
+    assert loader.resumed_from is None and "iteration" not in rest
+    assert torch.equal(fresh.fc.weight, model.fc.weight)
+    assert any(m.startswith(f"No checkpoint in {run} can be read (skipped model_0000004.pth); "
+                            "starting from MODEL.WEIGHTS") for m in log_records), log_records
+    # without resume the folder's checkpoints are not looked at
+    assert DetectionCheckpointer(fresh, str(run)).resume_or_load("", resume=False) == {}
+
+
+def test_saved_files_get_the_mode_of_other_outputs(tmp_path):
+    model, _, _ = _training_state(0)
+    old_umask = os.umask(0o027)
+    try:
+        ckpt = DetectionCheckpointer(model, str(tmp_path), save_to_disk=True)
+        ckpt.save("model_0000004")
+        with open(tmp_path / "metrics.json", "w") as f:
+            f.write("{}")
+    finally:
+        os.umask(old_umask)
+    expected = os.stat(tmp_path / "metrics.json").st_mode & 0o777
+    assert expected == 0o640
+    assert os.stat(tmp_path / "model_0000004.pth").st_mode & 0o777 == expected
+    assert os.stat(tmp_path / "last_checkpoint").st_mode & 0o777 == expected
+
+
+def test_save_now_counts_as_periodic_and_is_not_repeated(tmp_path):
+    model, _, _ = _training_state(0)
+    ckpt = DetectionCheckpointer(model, str(tmp_path), save_to_disk=True)
+    periodic = PeriodicCheckpointer(ckpt, period=5, max_iter=100, max_to_keep=2)
+    for it in range(10):
+        periodic.step(it)
+    assert periodic.save_now(9) == str(tmp_path / "model_0000009.pth")  # already written
+    for it in range(10, 13):
+        periodic.step(it)
+    assert periodic.save_now(12) == str(tmp_path / "model_0000012.pth")
+    assert _periodic_files(tmp_path) == ["model_0000009.pth", "model_0000012.pth"]
+    assert torch.load(tmp_path / "model_0000012.pth", weights_only=True)["iteration"] == 12
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000012.pth"

@@ -7,13 +7,15 @@ import torch
 
 from detector.data import (
     ImageLoadError,
+    ImageSizeMismatchError,
     build_detection_test_loader,
     build_detection_train_loader,
     load_coco_json,
 )
 from detector.data.build import per_process_batch_size
+from detector.data.common import DataLoader, MapDataset
 
-from data_helpers import ann, write_coco
+from data_helpers import ann, write_coco, write_image
 
 
 def _dataset(tmp_path, n_landscape=4, n_portrait=4, n_empty=0):
@@ -124,8 +126,58 @@ def test_test_loader_propagates_load_errors(tmp_path, temp_catalog, tiny_cfg):
 
 def test_batch_size_must_divide_across_processes():
     assert per_process_batch_size(16, 4) == 4
-    with pytest.raises(ValueError, match="SOLVER.IMS_PER_BATCH=10"):
+    assert per_process_batch_size(3) == 3  # the current (single-process) group
+    with pytest.raises(ValueError, match="SOLVER.IMS_PER_BATCH=10 is not divisible by the world "
+                                         "size 4"):
         per_process_batch_size(10, 4)
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match=rf"^SOLVER.IMS_PER_BATCH must be positive, "
+                                             rf"got {bad}$"):
+            per_process_batch_size(bad, 1)
+
+
+def _size_mismatch_dataset(tmp_path, temp_catalog, name):
+    json_file, root = _dataset(tmp_path)
+    write_image(os.path.join(root, "3.jpg"), 30, 30)  # the annotations say 64x48
+    return _register(temp_catalog, name, json_file, root), os.path.join(root, "3.jpg")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_worker_error_keeps_its_one_line_message(tmp_path, temp_catalog, tiny_cfg, train):
+    """torch re-raises a worker's exception as "Caught X in DataLoader worker process 0." plus
+    the worker's traceback; the loaders give back the original line naming file and image id."""
+    name, bad_file = _size_mismatch_dataset(tmp_path, temp_catalog, f"_test_build_worker_{train}")
+    tiny_cfg.DATALOADER.NUM_WORKERS = 1
+    tiny_cfg.DATALOADER.ASPECT_RATIO_GROUPING = False
+    tiny_cfg.DATASETS.TRAIN = (name,)
+    with pytest.raises(ImageSizeMismatchError) as info:
+        if train:
+            list(itertools.islice(iter(build_detection_train_loader(tiny_cfg)), 20))
+        else:
+            list(build_detection_test_loader(tiny_cfg, name))
+    message = str(info.value)
+    assert message.startswith(f"{bad_file} (image_id 3): decoded image is 30x30"), message
+    assert "\n" not in message and "Caught" not in message
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "in DataLoader worker process 0" in notes and "_check_size" in notes
+
+
+class _TwoArgumentError(Exception):
+    def __init__(self, what, where):
+        super().__init__(f"{what} at {where}")
+
+
+def _raise_two_argument_error(item):
+    raise _TwoArgumentError("bad item", item)
+
+
+def test_worker_error_of_a_type_torch_cannot_rebuild():
+    loader = DataLoader(MapDataset(list(range(4)), _raise_two_argument_error), batch_size=None,
+                        num_workers=1)
+    with pytest.raises(RuntimeError) as info:
+        next(iter(loader))
+    assert str(info.value) == "_TwoArgumentError: bad item at 0"
+    assert len(iter(loader)) == 4
 
 
 def test_different_classes_cannot_be_concatenated(tmp_path, temp_catalog, tiny_cfg):

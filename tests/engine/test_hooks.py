@@ -1,8 +1,10 @@
-"""Hook call order, evaluation schedule, LR/timer/checkpoint hooks and the metric writers."""
+"""Hook call order, evaluation schedule, LR/timer/checkpoint hooks, the metric writers and
+stopping on a signal."""
 import itertools
 import json
 import logging
 import os
+import signal
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from torch import nn
 from detector.checkpoint.checkpointer import DetectionCheckpointer
 from detector.config import get_cfg
 from detector.engine import hooks
-from detector.engine.train_loop import HookBase, SimpleTrainer
+from detector.engine.train_loop import HookBase, SimpleTrainer, TrainingInterrupted
 from detector.solver import build_lr_scheduler
 from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 from log_capture import CollectLogs
@@ -221,3 +223,79 @@ def test_periodic_writer_json_tensorboard_and_printer(tmp_path):
         assert text in printed[1], text
     assert "\x1b[" not in printed[1], "plain message for files; colour only on the terminal"
     assert "\x1b[" in capture.records[1].colored_message
+
+
+def _signal_at(iteration, signum):
+    """A hook sending ``signum`` to this process during the given iteration."""
+    def send(t):
+        if t.iter == iteration:
+            os.kill(os.getpid(), signum)
+    return hooks.CallbackHook(after_step=send)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGINT, signal.SIGTERM])
+def test_stop_on_signal_saves_and_raises(tmp_path, signum):
+    """A signal during iteration 6 (between the checkpoints of iterations 4 and 9): the loop
+    finishes iteration 6, the hooks' after_train run without the final evaluation, the state
+    of iteration 6 is saved and train() raises a SystemExit with 128 + the signal number.
+    SIGINT gives no KeyboardInterrupt. The previous handlers are back afterwards."""
+    previous = signal.getsignal(signum)
+    trainer = _trainer()
+    ckpt = DetectionCheckpointer(trainer.model, str(tmp_path), trainer=trainer,
+                                 save_to_disk=True)
+    evals, seen = [], []
+    trainer.register_hooks([
+        hooks.PeriodicCheckpointer(ckpt, 5, max_to_keep=1),
+        hooks.EvalHook(0, lambda: evals.append(trainer.iter)),
+        _signal_at(6, signum),
+        hooks.CallbackHook(after_step=lambda t: seen.append(t.iter)),
+        hooks.StopOnSignal(["SIGINT", "TERM", int(signal.SIGUSR1)]),
+    ])
+    with CollectLogs("detector.engine") as logs, pytest.raises(TrainingInterrupted) as info:
+        trainer.train(0, 20)
+    assert info.value.code == 128 + signum and info.value.iteration == 6
+    assert seen == list(range(7)) and evals == []
+    assert signal.getsignal(signum) == previous
+    saved = torch.load(tmp_path / "model_0000006.pth", weights_only=True)
+    assert saved["iteration"] == 6 and saved["trainer"]["iteration"] == 6
+    assert torch.equal(saved["model"]["linear.weight"], trainer.model.linear.weight)
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000006.pth"]
+    name = signal.Signals(signum).name
+    assert logs.lines[-1] == (f"Stopped by {name} after iteration 6, saved "
+                              f"{tmp_path / 'model_0000006.pth'} (continue with --resume); "
+                              f"exiting with status {128 + signum}")
+
+
+def test_stop_on_the_checkpoint_iteration_writes_it_once(tmp_path):
+    trainer = _trainer()
+    ckpt = DetectionCheckpointer(trainer.model, str(tmp_path), trainer=trainer,
+                                 save_to_disk=True)
+    saves = []
+    original_save = ckpt.save
+    ckpt.save = lambda name, **kw: (saves.append(name), original_save(name, **kw))
+    trainer.register_hooks([hooks.PeriodicCheckpointer(ckpt, 5), _signal_at(4, signal.SIGUSR1),
+                            hooks.StopOnSignal(["SIGUSR1"])])
+    with pytest.raises(TrainingInterrupted):
+        trainer.train(0, 20)
+    assert saves == ["model_0000004"]
+    assert trainer.stop_checkpoint == str(tmp_path / "model_0000004.pth")
+
+
+def test_stop_on_signal_without_signals_leaves_handlers_alone():
+    previous = signal.getsignal(signal.SIGUSR1)
+    seen = []
+    trainer = _trainer()
+    trainer.register_hooks([hooks.StopOnSignal([]), hooks.CallbackHook(
+        before_step=lambda t: seen.append(signal.getsignal(signal.SIGUSR1)))])
+    trainer.train(0, 2)
+    assert seen == [previous, previous]
+
+
+def test_parse_signals_names_the_key():
+    assert hooks.parse_signals(["SIGTERM", "int", 10, "SIGTERM"]) == [
+        signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+    with pytest.raises(ValueError, match=r"^SOLVER.CHECKPOINT_ON_SIGNALS: unknown signal "
+                                         r"'SIGTREM'; expected"):
+        hooks.parse_signals(["SIGTREM"], key="SOLVER.CHECKPOINT_ON_SIGNALS")
+    with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
+        hooks.parse_signals(["SIGKILL"])

@@ -16,17 +16,15 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:  # when torchrun runs this file as a script
-    sys.path.insert(0, ROOT)
+from detector.data.build import per_process_batch_size
+from detector.engine import DefaultTrainer, default_argument_parser, default_setup
+from detector.engine import launch, setup_cfg
+from detector.engine.hooks import CallbackHook
+from detector.engine.launch import LaunchError, check_launch_arguments
+from detector.utils import comm
+from detector.utils.logger import setup_logger
 
-from detector.engine import DefaultTrainer, default_argument_parser, default_setup  # noqa: E402
-from detector.engine import launch, setup_cfg  # noqa: E402
-from detector.engine.defaults import per_process_batch_size  # noqa: E402
-from detector.engine.hooks import CallbackHook  # noqa: E402
-from detector.engine.launch import LaunchError, check_launch_arguments  # noqa: E402
-from detector.utils import comm  # noqa: E402
-from detector.utils.logger import setup_logger  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONFIG = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")
 WATCHDOG_S = 180
@@ -242,7 +240,7 @@ def test_torchrun_stops_the_run_when_a_rank_dies(tmp_path, shapes_train):
     """Under torchrun, rank 1 os._exit(1)s at iteration 3: torchrun stops rank 0 and fails."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",

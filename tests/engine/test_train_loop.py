@@ -1,5 +1,6 @@
 """SimpleTrainer / AMPTrainer on a tiny regression problem."""
 import itertools
+import signal
 
 import pytest
 import torch
@@ -7,7 +8,12 @@ from torch import nn
 
 from detector.config import get_cfg
 from detector.engine.hooks import CallbackHook
-from detector.engine.train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from detector.engine.train_loop import (
+    AMPTrainer,
+    SimpleTrainer,
+    TrainerBase,
+    TrainingInterrupted,
+)
 from detector.solver import build_gradient_clipper
 
 
@@ -194,3 +200,30 @@ def test_ddp_non_finite_loss_on_one_rank_stops_all_ranks(tmp_path):
     assert not (tmp_path / "written_by_rank1.pth").exists()
     saved = torch.load(tmp_path / "written_by_rank0.pth", weights_only=True)
     assert set(saved["model"]) == {"linear.weight", "linear.bias"}
+
+
+def test_request_stop_ends_after_the_current_iteration():
+    """request_stop() during iteration 2: iteration 2 completes, no other starts, after_train
+    runs (iter < max_iter, as after a failure) and train() raises TrainingInterrupted."""
+    model = Regression()
+    trainer = SimpleTrainer(model, itertools.cycle(_batches()),
+                            torch.optim.SGD(model.parameters(), lr=0.05))
+    steps, ends = [], []
+
+    def after_step(t):
+        steps.append(t.iter)
+        if t.iter == 2:
+            t.request_stop(signal.SIGUSR1)
+            t.request_stop(signal.SIGTERM)  # the first request is kept
+
+    trainer.register_hooks([CallbackHook(after_step=after_step,
+                                         after_train=lambda t: ends.append(t.iter))])
+    with pytest.raises(TrainingInterrupted) as info:
+        trainer.train(0, 10)
+    assert steps == [0, 1, 2] and ends == [2]
+    assert isinstance(info.value, SystemExit) and not isinstance(info.value, Exception)
+    assert info.value.code == 138 and info.value.signum == signal.SIGUSR1
+    assert trainer.stop_signal == signal.SIGUSR1 and trainer.stop_checkpoint is None
+    # a new run does not inherit the old request
+    trainer.train(3, 5)
+    assert steps == [0, 1, 2, 3, 4] and trainer.stop_signal is None

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from detector.engine import DefaultTrainer
-from detector.engine.defaults import default_argument_parser, setup_cfg
+from detector.engine import default_argument_parser, setup_cfg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")

@@ -181,3 +181,29 @@ def test_class_names_must_match_the_id_map(tiny_gt_json):
     with pytest.raises(ValueError, match="2 class_names for 3 entries"):
         COCOEvaluator(gt_json=tiny_gt_json, contiguous_id_to_dataset_id=ID_MAP,
                       class_names=["a", "b"])
+
+
+def test_ground_truth_is_parsed_once_while_unchanged(tiny_gt_json, monkeypatch):
+    """Periodic evaluations build a new evaluator each time; the ground-truth json is parsed
+    once as long as the file is unchanged, and again once it changes."""
+    import detector.evaluation.coco_evaluation as coco_evaluation
+
+    parsed = []
+    real_load = coco_evaluation.load_json_file
+    monkeypatch.setattr(coco_evaluation, "load_json_file",
+                        lambda path, what: parsed.append(path) or real_load(path, what))
+    monkeypatch.setattr(coco_evaluation, "_GT_CACHE", {})
+    outputs = {image_id: prediction(image_id) for image_id in TINY_OBJECTS}
+    for _ in range(3):
+        evaluator = COCOEvaluator(gt_json=tiny_gt_json, contiguous_id_to_dataset_id=ID_MAP,
+                                  backend="faster-coco-eval")
+        assert run(evaluator, outputs)["bbox"]["AP"] == pytest.approx(100.0)
+    assert parsed == [tiny_gt_json]
+    with open(tiny_gt_json) as f:
+        data = json.load(f)
+    data["images"].append({"id": 99, "width": 120, "height": 120, "file_name": "99.jpg"})
+    with open(tiny_gt_json, "w") as f:
+        json.dump(data, f)
+    evaluator = COCOEvaluator(gt_json=tiny_gt_json, contiguous_id_to_dataset_id=ID_MAP)
+    run(evaluator, {99: {}, **outputs})
+    assert parsed == [tiny_gt_json, tiny_gt_json]

@@ -12,6 +12,7 @@ from tiny_coco import TINY_OBJECTS, perfect_results, tiny_gt_dict, write_json
 from detector.evaluation import (
     VALID_BACKENDS,
     build_coco_api,
+    check_backend,
     check_coco_gt,
     check_coco_results,
     evaluate_coco_json,
@@ -203,6 +204,15 @@ def test_unknown_backend(tiny_gt_json, tmp_path):
         with pytest.raises(ValueError) as excinfo:
             call()
         _single_line_error(excinfo, "detectron", "pycocotools", "faster_coco_eval")
+
+
+def test_backend_package_name_is_accepted(tiny_gt_json, tmp_path, capsys):
+    assert check_backend("faster-coco-eval") == "faster_coco_eval"
+    assert check_backend("pycocotools") == "pycocotools"
+    results = write_json(tmp_path / "results.json", perfect_results())
+    stats, _ = evaluate_coco_json(tiny_gt_json, results, backend="faster-coco-eval")
+    assert stats[0] == pytest.approx(1.0)
+    assert "Average Precision" in capsys.readouterr().out
 
 
 def test_format_summary_matches_pycocotools():
