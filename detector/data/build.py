@@ -1,6 +1,7 @@
 """Data loaders for training and inference, built from the config."""
 import logging
 import random
+import signal
 from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
@@ -91,7 +92,10 @@ def _identity(item):
 
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy/random inside a worker from its torch seed (derived from the loader's
-    generator), for user mappers that use those global generators."""
+    generator), for user mappers that use those global generators. Workers ignore SIGINT: a
+    terminal's Ctrl-C reaches the whole process group, and the main process alone decides to
+    checkpoint and stop (a worker dying first would fail the batch it was preparing)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     seed = torch.initial_seed() % 2 ** 32
     np.random.seed(seed)
     random.seed(seed)

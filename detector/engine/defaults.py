@@ -52,8 +52,6 @@ class DefaultTrainer(TrainerBase):
         logger.info("IMS_PER_BATCH=%d over %d process(es): %d image(s) per process",
                     cfg.SOLVER.IMS_PER_BATCH, comm.get_world_size(), batch)
         model = self.build_model(cfg)
-        # ImageNet backbone weights; MODEL.WEIGHTS or a resumed checkpoint replaces them later
-        load_backbone_weights_from_config(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         # every rank keeps its own average: DDP keeps the parameters equal, so the averages are too
@@ -97,12 +95,16 @@ class DefaultTrainer(TrainerBase):
     def resume_or_load(self, resume: bool = True):
         """With ``resume``, continue from the newest checkpoint in OUTPUT_DIR that can be read
         (model, optimizer, scheduler, iteration; unreadable ones are skipped with a warning);
-        otherwise, or if there is none, load MODEL.WEIGHTS (if any) and start at iteration 0."""
+        otherwise, or if there is none, load MODEL.WEIGHTS (if any), else the backbone's
+        MODEL.BACKBONE.WEIGHTS, and start at iteration 0. A resumed run never reads the backbone
+        file, so a requeued job does not need it."""
         logger = logging.getLogger("detector")
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if self.checkpointer.resumed_from is not None:
             self.start_iter = checkpoint.get("iteration", -1) + 1
             logger.info("Resuming at iteration %d", self.start_iter)
+        else:
+            load_backbone_weights_from_config(self.cfg, self.model)
         if comm.get_world_size() > 1:
             starts = comm.all_gather(self.start_iter)
             if len(set(starts)) > 1:
@@ -175,14 +177,14 @@ class DefaultTrainer(TrainerBase):
 
     @classmethod
     def load_for_evaluation(cls, cfg, model, resume: bool = False):
-        """Load MODEL.WEIGHTS (or, with ``resume``, the last checkpoint in OUTPUT_DIR) into
-        ``model`` for --eval-only. With SOLVER.EMA.ENABLED and an "ema" entry in the checkpoint,
-        the averaged weights are the ones loaded."""
+        """Load MODEL.WEIGHTS (or, with ``resume``, the newest checkpoint in OUTPUT_DIR that can
+        be read) into ``model`` for --eval-only. With SOLVER.EMA.ENABLED and an "ema" entry in the
+        checkpoint, the averaged weights are the ones loaded."""
         logger = logging.getLogger("detector")
         checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
-        path = (checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint()
-                else cfg.MODEL.WEIGHTS)
-        rest = checkpointer.load(path, checkpointables=[])  # entries other than "model"
+        # entries other than "model"
+        rest = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        path = checkpointer.resumed_from or cfg.MODEL.WEIGHTS
         if cfg.SOLVER.EMA.ENABLED:
             ema_state = rest.get("ema")
             if isinstance(ema_state, dict) and "module" in ema_state:

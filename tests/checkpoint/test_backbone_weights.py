@@ -315,12 +315,14 @@ def test_warning_and_precedence_in_the_trainer(tmp_path, monkeypatch):
     monkeypatch.setattr(DefaultTrainer, "build_train_loader", classmethod(lambda cls, cfg: []))
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-    def trainer(*opts):
+    def trainer(*opts, resume=False):
         cfg = get_cfg()
         cfg.merge_from_file(os.path.join(root, "configs", "demo", "retinanet_tiny_shapes.yaml"))
         cfg.merge_from_list(["MODEL.BACKBONE.FREEZE_AT", "1", "DATASETS.TEST", "()",
                              "OUTPUT_DIR", str(tmp_path / "out"), *opts])
-        return DefaultTrainer(cfg)
+        t = DefaultTrainer(cfg)
+        t.resume_or_load(resume=resume)
+        return t
 
     with CollectLogs(LOGGER, level=logging.WARNING) as logs:
         trainer()
@@ -336,11 +338,22 @@ def test_warning_and_precedence_in_the_trainer(tmp_path, monkeypatch):
     for key, value in loaded.model.backbone.state_dict().items():
         assert torch.equal(value, source[key]), key
 
-    # MODEL.WEIGHTS initializes the whole model later: the backbone file is not read
+    # MODEL.WEIGHTS initializes the whole model: the backbone file is not read
+    torch.manual_seed(7)
+    whole = trainer().model.state_dict()
+    torch.save({"model": whole}, tmp_path / "model.pth")
     torch.manual_seed(6)
     with CollectLogs(LOGGER) as logs:
         skipped = trainer("MODEL.BACKBONE.WEIGHTS", str(tmp_path / "missing.pth"),
                           "MODEL.WEIGHTS", str(tmp_path / "model.pth"))
     assert "is not loaded" in logs.text and "RANDOM" not in logs.text
-    assert not torch.equal(skipped.model.backbone.state_dict()["stages.0.0.weight"],
-                           source["stages.0.0.weight"])
+    assert torch.equal(skipped.model.backbone.state_dict()["stages.0.0.weight"],
+                       whole["backbone.stages.0.0.weight"])
+
+    # a resumed run takes everything from its checkpoint and never needs the backbone file
+    skipped.checkpointer.save("model_0000004", iteration=4)
+    with CollectLogs(LOGGER) as logs:
+        resumed = trainer("MODEL.BACKBONE.WEIGHTS", str(tmp_path / "missing.pth"), resume=True)
+    assert resumed.start_iter == 5 and "RANDOM" not in logs.text
+    assert torch.equal(resumed.model.backbone.state_dict()["stages.0.0.weight"],
+                       whole["backbone.stages.0.0.weight"])

@@ -189,3 +189,16 @@ def test_different_classes_cannot_be_concatenated(tmp_path, temp_catalog, tiny_c
     tiny_cfg.DATASETS.TRAIN = (a, b)
     with pytest.raises(ValueError, match="different thing_classes"):
         build_detection_train_loader(tiny_cfg)
+
+
+def test_loader_workers_ignore_sigint():
+    import signal
+
+    from detector.data.build import _seed_worker
+
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        _seed_worker(0)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

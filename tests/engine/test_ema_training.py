@@ -88,3 +88,29 @@ def test_weights_load_restarts_the_average_and_eval_only_uses_it(tmp_path):
             torch.testing.assert_close(model.state_dict()[key], source[key], rtol=0, atol=0)
     assert not torch.equal(saved["ema"]["module"]["head.cls_score.bias"],
                            saved["model"]["head.cls_score.bias"])
+
+
+def test_eval_only_resume_skips_a_truncated_newest_checkpoint(tmp_path):
+    from detector.checkpoint import DetectionCheckpointer
+
+    from log_capture import CollectLogs
+
+    cfg = _cfg(tmp_path / "run", "SOLVER.EMA.ENABLED", "False")
+    torch.manual_seed(1)
+    older = DefaultTrainer.build_model(cfg)
+    DetectionCheckpointer(older, cfg.OUTPUT_DIR).save("model_0000002", iteration=2)
+    torch.manual_seed(2)
+    newer = DefaultTrainer.build_model(cfg)
+    checkpointer = DetectionCheckpointer(newer, cfg.OUTPUT_DIR)
+    checkpointer.save("model_0000005", iteration=5)
+    newest = os.path.join(cfg.OUTPUT_DIR, "model_0000005.pth")
+    with open(newest, "r+b") as f:  # cut in half, as a full disk would
+        f.truncate(os.path.getsize(newest) // 2)
+
+    torch.manual_seed(3)
+    model = DefaultTrainer.build_model(cfg)
+    with CollectLogs("detector") as logs:
+        DefaultTrainer.load_for_evaluation(cfg, model, resume=True)
+    assert "model_0000005.pth" in logs.text and "model_0000002.pth" in logs.text
+    for key, value in older.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
