@@ -19,9 +19,19 @@ import torch
 from ..box_coder import BoxCoder
 from .focal import BBOX_REG_LOSS_TYPES, box_regression_loss_sum, sparse_focal_loss_sum
 
-__all__ = ["LOSS_NORMALIZATIONS", "retinanet_losses"]
+__all__ = ["LOSS_NORMALIZATIONS", "check_retinanet_loss_options", "retinanet_losses"]
 
 LOSS_NORMALIZATIONS = ("batch", "per_image")
+
+
+def check_retinanet_loss_options(bbox_reg_loss_type: str, normalization: str) -> None:
+    """One-line errors naming the config keys for unknown loss options."""
+    if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
+        raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not one "
+                         f"of {BBOX_REG_LOSS_TYPES}")
+    if normalization not in LOSS_NORMALIZATIONS:
+        raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{normalization}' is not one of "
+                         f"{LOSS_NORMALIZATIONS}")
 
 
 def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, anchors: torch.Tensor,
@@ -46,12 +56,7 @@ def retinanet_losses(pred_logits: torch.Tensor, pred_deltas: torch.Tensor, ancho
             Ignored by "per_image".
     Returns: ``{"loss_cls", "loss_box_reg"}`` scalar tensors.
     """
-    if normalization not in LOSS_NORMALIZATIONS:
-        raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{normalization}' is not one of "
-                         f"{LOSS_NORMALIZATIONS}")
-    if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
-        raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not one "
-                         f"of {BBOX_REG_LOSS_TYPES}")
+    check_retinanet_loss_options(bbox_reg_loss_type, normalization)
     cls_sums, box_sums, num_fg = [], [], []
     for logits_i, deltas_i, labels_i, boxes_i in zip(pred_logits, pred_deltas, gt_labels,
                                                      matched_gt_boxes):

@@ -13,7 +13,7 @@ from ..anchor_generator import AnchorGenerator
 from ..backbone import Backbone, build_backbone
 from ..box_coder import BoxCoder
 from ..dense_heads import build_dense_head, permute_to_N_HWA_K
-from ..losses import BBOX_REG_LOSS_TYPES, LOSS_NORMALIZATIONS, retinanet_losses
+from ..losses import check_retinanet_loss_options, retinanet_losses
 from ..matcher import Matcher
 from ..neck import build_neck
 from ..postprocessing import detections_to_outputs, retinanet_inference_single_image
@@ -53,12 +53,7 @@ class RetinaNet(DenseDetector):
                  channels_last_inference: bool = True,
                  crowd_ignore_fraction: float = 0.7):
         super().__init__()
-        if bbox_reg_loss_type not in BBOX_REG_LOSS_TYPES:
-            raise ValueError(f"MODEL.RETINANET.BBOX_REG_LOSS_TYPE='{bbox_reg_loss_type}' is not "
-                             f"one of {BBOX_REG_LOSS_TYPES}")
-        if loss_normalization not in LOSS_NORMALIZATIONS:
-            raise ValueError(f"MODEL.RETINANET.LOSS_NORMALIZATION='{loss_normalization}' is not "
-                             f"one of {LOSS_NORMALIZATIONS}")
+        check_retinanet_loss_options(bbox_reg_loss_type, loss_normalization)
         feature_shapes = self._set_parts(backbone, neck, head, anchor_generator, box_coder,
                                          anchor_matcher)
         self.num_classes = num_classes
