@@ -17,7 +17,6 @@ MODEL.EFFICIENTDET.NUM_CLASSES 90. Written atomically as ``{"model": state_dict}
 """
 import argparse
 import logging
-import os
 import sys
 
 import torch

@@ -5,7 +5,6 @@ import logging
 import os
 from collections import OrderedDict
 
-import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from detector.checkpoint import (

@@ -1,7 +1,6 @@
 """Converting effdet EfficientDet checkpoints (detector/checkpoint/effdet_convert.py and
 tools/convert_effdet.py), checked on D0: one-line errors for another variant's or unknown keys,
 redundant biases folded into the norms, the 80 COCO classes kept from effdet's 90 logits."""
-import importlib.util
 
 import pytest
 import torch
@@ -16,7 +15,6 @@ from detector.modeling import build_model
 
 pytest.importorskip("effdet")
 from effdet_pair import (  # noqa: E402
-    ROOT,
     build_effdet_pair,
     effdet_model,
     efficientdet_cfg,
@@ -24,6 +22,7 @@ from effdet_pair import (  # noqa: E402
     normalized,
     per_level_errors,
 )
+from tool_loader import load_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +80,7 @@ def test_coco80_selection_keeps_those_logits(pair):
 
 def test_convert_tool(pair, d1_state, tmp_path):
     _, theirs, _, converted, _ = pair
-    spec = importlib.util.spec_from_file_location("convert_effdet",
-                                                  ROOT / "tools" / "convert_effdet.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_effdet")
     src, dst = tmp_path / "effdet_d0.pth", tmp_path / "out" / "ours.pth"
     torch.save({"state_dict": theirs.state_dict()}, src)
     config = efficientdet_config_path(0)

@@ -1,7 +1,6 @@
 """Converting torchvision RetinaNet checkpoints (detector/checkpoint/torchvision_retinanet.py and
 tools/convert_torchvision_retinanet.py): both key layouts, one-line errors naming the keys, and the
 80 COCO classes kept from torchvision's 91 logits."""
-import importlib.util
 
 import pytest
 import torch
@@ -16,7 +15,8 @@ from detector.data.datasets import TORCHVISION_COCO80_INDICES
 from detector.modeling import build_model
 from detector.modeling.dense_heads import permute_to_N_HWA_K
 
-from torchvision_retinanet_pair import ROOT, build_torchvision_pair, torchvision_cfg
+from tool_loader import load_tool
+from torchvision_retinanet_pair import build_torchvision_pair, torchvision_cfg
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +86,7 @@ def test_select_coco_classes_keeps_those_logits(models):
 
 def test_convert_tool_writes_checkpoint(models, tmp_path):
     tv, _, converted, _ = models
-    spec = importlib.util.spec_from_file_location(
-        "convert_torchvision_retinanet", ROOT / "tools" / "convert_torchvision_retinanet.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_torchvision_retinanet")
     src, dst = tmp_path / "tv.pth", tmp_path / "out" / "ours.pth"
     torch.save(_to_legacy_layout(tv.state_dict()), src)
     assert tool.main(["--input", str(src), "--output", str(dst)]) == 0

@@ -1,6 +1,5 @@
 """The command line: flags anywhere, checks before any process starts, one-line errors as the last
 line of the tools' output, no warnings on start, and evaluation reading its annotations once."""
-import importlib.util
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from detector.engine import (
     setup_cfg,
 )
 from log_capture import CollectLogs
+from tool_loader import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")
@@ -64,14 +64,6 @@ def fake_coco128(root, declared_sizes=None):
     os.replace(json_file, os.path.join(folder, "annotations", "instances_train2017.json"))
     os.replace(image_dir, os.path.join(folder, "train2017"))
     return os.path.join(folder, "train2017")
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def run_tool(tool, argv, datasets_root):

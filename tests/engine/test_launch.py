@@ -4,7 +4,6 @@ Multi-process runs are bounded by DIST.TIMEOUT_MINUTES and by a watchdog that ki
 processes; torchrun runs by a subprocess timeout.
 """
 import contextlib
-import importlib.util
 import json
 import logging
 import multiprocessing
@@ -23,6 +22,7 @@ from detector.engine.hooks import CallbackHook
 from detector.engine.launch import LaunchError, check_launch_arguments
 from detector.utils import comm
 from detector.utils.logger import setup_logger
+from tool_loader import load_tool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -127,14 +127,6 @@ def test_per_process_batch_size():
         per_process_batch_size(6, 4)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}",
-                                                  os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize("torchrun_world", [None, 3])
 def test_cli_rejects_indivisible_batch_in_one_line(monkeypatch, torchrun_world):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -147,7 +139,7 @@ def test_cli_rejects_indivisible_batch_in_one_line(monkeypatch, torchrun_world):
     else:
         argv = ["--num-gpus", "2"] + argv[:-1] + ["3"]
     with pytest.raises(SystemExit) as info:
-        _load_tool("train_net").cli(argv)
+        load_tool("train_net").cli(argv)
     message = str(info.value)
     assert "\n" not in message
     expected = (f"IMS_PER_BATCH=4 is not divisible by the world size {torchrun_world}"
