@@ -95,8 +95,10 @@ def _write_pickle(obj, path):
 def test_torchvision_resnet50_file_loads_every_tensor(tmp_path, torchvision_state):
     path = tmp_path / "resnet50.pth"
     torch.save(torchvision_state, path)
-    backbone = build_backbone(_resnet_cfg())
-    report = load_backbone_weights(backbone, str(path))
+    cfg = _resnet_cfg("MODEL.BACKBONE.WEIGHTS", str(path))
+    detector = _Detector(build_backbone(cfg))
+    report = load_backbone_weights_from_config(cfg, detector)
+    backbone = detector.backbone
 
     own = _own_weights(backbone)
     for key, value in own.items():
