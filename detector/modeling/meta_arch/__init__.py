@@ -1,3 +1,4 @@
+from .base import DetectorBase
 from .build import META_ARCH_REGISTRY, build_model
 from .dense_detector import DenseDetector
 
@@ -5,4 +6,5 @@ from .dense_detector import DenseDetector
 from .retinanet import RetinaNet  # noqa: E402
 from .efficientdet import EfficientDet  # noqa: E402
 
-__all__ = ["META_ARCH_REGISTRY", "build_model", "DenseDetector", "RetinaNet", "EfficientDet"]
+__all__ = ["DetectorBase", "META_ARCH_REGISTRY", "build_model", "DenseDetector", "RetinaNet",
+           "EfficientDet"]

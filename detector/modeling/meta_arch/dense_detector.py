@@ -1,31 +1,30 @@
-"""What one-stage, anchor-based detectors (RetinaNet, EfficientDet) share: input normalisation
-and padding, the raw network outputs (:meth:`DenseDetector.forward_features`), checking the ground
+"""What one-stage, anchor-based detectors (RetinaNet, EfficientDet) share beyond
+:class:`DetectorBase`: the raw network outputs (:meth:`DenseDetector.forward_features`), checking the ground
 truth, labelling anchors with a Matcher and the multi-process loss normaliser."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from detector.layers import ShapeSpec
-from detector.structures import Boxes, ImageList, Instances, pairwise_ioa, pairwise_iou
+from detector.structures import Boxes, Instances, pairwise_ioa, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
 from ..box_coder import BoxCoder
 from ..matcher import Matcher
+from .base import DetectorBase
 
 __all__ = ["DenseDetector"]
 
 
-class DenseDetector(nn.Module):
+class DenseDetector(DetectorBase):
     """Base of RetinaNet and EfficientDet. Subclasses call :meth:`_set_parts` and
     :meth:`_set_input_format`, and set ``num_classes`` and ``num_classes_key`` (the config key
     named in errors). They may override :meth:`_channels_last_input` and
     :meth:`_channels_last_features` to pick memory formats."""
 
-    num_classes: int
     anchor_matcher: Matcher
-    num_classes_key = "NUM_CLASSES"
     # background anchors covered this much by crowd regions are ignored (> 1: never)
     crowd_ignore_fraction: float = 0.7
 
@@ -51,22 +50,6 @@ class DenseDetector(nn.Module):
                              "ignore anchors in crowd regions)")
         self.crowd_ignore_fraction = float(fraction)
 
-    def _set_input_format(self, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-                          size_divisibility: int) -> None:
-        if len(pixel_mean) != len(pixel_std):
-            raise ValueError(f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD "
-                             f"{list(pixel_std)} need the same length")
-        self.size_divisibility = size_divisibility
-        # buffers so they follow .to(device); not persistent, like torchvision's transform
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1).float(),
-                             persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1).float(),
-                             persistent=False)
-
-    @property
-    def device(self) -> torch.device:
-        return self.pixel_mean.device
-
     def _channels_last_input(self) -> bool:
         """Whether the backbone gets its input in channels-last memory format."""
         return False
@@ -90,42 +73,6 @@ class DenseDetector(nn.Module):
         features = [features[name] for name in self.in_features]
         pred_logits, pred_anchor_deltas = self.head(features)
         return pred_logits, pred_anchor_deltas, features
-
-    def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
-        """Move to the device, normalise, pad into one batch whose sides are multiples of
-        ``size_divisibility``."""
-        images = []
-        for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
-                channels = self.pixel_mean.shape[0]
-                raise ValueError(f"Image {x.get('image_id', i)}: expected a ({channels}, H, W) "
-                                 f"tensor, got shape {tuple(image.shape)}")
-            image = image.to(self.device, non_blocking=True).float()
-            images.append((image - self.pixel_mean) / self.pixel_std)
-        return ImageList.from_tensors(images, self.size_divisibility)
-
-    def _gt_instances(self, batched_inputs: List[dict]) -> List[Instances]:
-        """The ``instances`` of every input on the model's device; one-line errors for missing
-        ground truth, classes out of range and degenerate or non-finite boxes."""
-        gt_instances = []
-        for i, x in enumerate(batched_inputs):
-            image_id = x.get("image_id", i)
-            if "instances" not in x:
-                raise ValueError(f"Image {image_id}: training needs an 'instances' field with "
-                                 "gt_boxes and gt_classes")
-            inst = x["instances"].to(self.device)
-            boxes, classes = inst.gt_boxes.tensor, inst.gt_classes
-            if len(classes) and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
-                raise ValueError(f"Image {image_id}: gt_classes {sorted(set(classes.tolist()))} "
-                                 f"outside [0, {self.num_classes}) ({self.num_classes_key})")
-            bad = ~(torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] > boxes[:, 0])
-                    & (boxes[:, 3] > boxes[:, 1]))
-            if bad.any():
-                raise ValueError(f"Image {image_id}: degenerate or non-finite gt box "
-                                 f"{boxes[bad][0].tolist()} (need x2 > x1 and y2 > y1)")
-            gt_instances.append(inst)
-        return gt_instances
 
     @torch.no_grad()
     def _num_foreground_all_ranks(self, gt_labels: torch.Tensor) -> torch.Tensor:
