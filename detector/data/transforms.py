@@ -1,17 +1,19 @@
 """Geometric transforms for detection: an ``Augmentation`` samples a deterministic transform from an
-image and a random generator; the transform then moves the image, its boxes and (later) its masks.
+image and a random generator; the transform then moves the image, its boxes and its masks.
 
 Transforms are fvcore's (``fvcore.transforms``): flips, crops, no-op and ``TransformList`` come from
 there, with their ``apply_image`` / ``apply_box`` / ``apply_coords`` / ``apply_segmentation`` /
-``apply_polygons``. Only the resize is ours (see ``ResizeTransform``).
+``apply_polygons``. Ours are the resize (see ``ResizeTransform``) and the crop's polygon clipping
+(see ``CropTransform``).
 
-Images are uint8 numpy arrays (H, W, C); boxes are float (N, 4) absolute XYXY arrays."""
+Images are uint8 numpy arrays (H, W, C); boxes are float (N, 4) absolute XYXY arrays; polygons are
+float (k, 2) arrays of (x, y); segmentations are (H, W) label maps or (H, W, N) stacks of masks."""
 from abc import ABC, abstractmethod
 from typing import List, Sequence, Tuple
 
 import numpy as np
+from fvcore.transforms import CropTransform as _FvcoreCropTransform
 from fvcore.transforms import (
-    CropTransform,
     HFlipTransform,
     NoOpTransform,
     Transform,
@@ -20,17 +22,25 @@ from fvcore.transforms import (
 )
 from PIL import Image
 
+from detector.structures import polygon_area
+
 __all__ = [
     "Transform", "NoOpTransform", "ResizeTransform", "CropTransform", "HFlipTransform",
-    "VFlipTransform", "TransformList",
+    "VFlipTransform", "TransformList", "clip_polygon",
     "Augmentation", "ResizeShortestEdge", "ScaleJitterCrop", "RandomFlip", "apply_augmentations",
     "build_augmentation",
 ]
 
 
+def _nearest_source_indices(size: int, new_size: int) -> np.ndarray:
+    """Source index of each output pixel whose centre maps into it (nearest neighbour)."""
+    centres = (np.arange(new_size, dtype=np.float64) + 0.5) * (size / new_size)
+    return np.minimum(centres.astype(np.int64), size - 1)
+
+
 class ResizeTransform(Transform):
     """Resize an image of (h, w) to (new_h, new_w): bilinear for images, nearest neighbour for
-    segmentation maps (labels must stay labels), exact scaling for coordinates.
+    segmentations (labels and masks must stay labels), exact scaling for coordinates.
 
     Hand-written because fvcore's ``ScaleTransform`` resizes with torch's ``interpolate``, which
     does not antialias when shrinking; PIL's bilinear resize does, and training and evaluation
@@ -52,9 +62,16 @@ class ResizeTransform(Transform):
         return self._resize(img, Image.BILINEAR)
 
     def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
-        if segmentation.dtype == np.bool_:  # as 0/1 uint8 rather than through PIL's 1-bit mode
-            return self._resize(segmentation.astype(np.uint8), Image.NEAREST).astype(np.bool_)
-        return self._resize(segmentation, Image.NEAREST)
+        """A (h, w) label map or an (h, w, N) stack of masks, any dtype: nearest neighbour by
+        indexing, so all N masks move in one step."""
+        if segmentation.shape[:2] != (self.h, self.w):
+            raise ValueError(f"ResizeTransform made for (h, w) {(self.h, self.w)}, "
+                             f"got a segmentation of {segmentation.shape[:2]}")
+        if (self.new_h, self.new_w) == (self.h, self.w):
+            return segmentation
+        rows = _nearest_source_indices(self.h, self.new_h)
+        cols = _nearest_source_indices(self.w, self.new_w)
+        return segmentation[rows[:, None], cols]
 
     def apply_coords(self, coords: np.ndarray) -> np.ndarray:
         # float64 out whatever comes in: integer coordinates would be truncated in place
@@ -65,6 +82,51 @@ class ResizeTransform(Transform):
 
     def inverse(self) -> "ResizeTransform":
         return ResizeTransform(self.new_h, self.new_w, self.h, self.w)
+
+
+def _clip_half_plane(points: np.ndarray, axis: int, bound: float, keep_above: bool) -> np.ndarray:
+    """One Sutherland-Hodgman step: the part of a closed polygon (k, 2) on one side of the line
+    ``points[:, axis] == bound``, every edge at once."""
+    if len(points) == 0:
+        return points
+    coord = points[:, axis]
+    inside = coord >= bound if keep_above else coord <= bound
+    prev = np.roll(points, 1, axis=0)  # edge j runs from prev[j] to points[j]
+    crosses = inside != np.roll(inside, 1)
+    step = coord - prev[:, axis]
+    t = np.divide(bound - prev[:, axis], step, out=np.zeros_like(step), where=crosses)
+    crossing = prev + t[:, None] * (points - prev)
+    crossing[crosses, axis] = bound
+    # per edge: its crossing with the line (if any), then its end point (if inside)
+    return np.stack([crossing, points], axis=1)[np.stack([crosses, inside], axis=1)]
+
+
+def clip_polygon(points: np.ndarray, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
+    """The part of the closed polygon ``points`` (k, 2) inside the box [x0, x1] x [y0, y1], as
+    one polygon (Sutherland-Hodgman; exact for any polygon against a rectangle: a concave one
+    cut in several pieces keeps zero-width bridges along the box border, which enclose no area).
+    Fewer than 3 points when nothing is left."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    for axis, bound, keep_above in ((0, x0, True), (0, x1, False), (1, y0, True), (1, y1, False)):
+        points = _clip_half_plane(points, axis, bound, keep_above)
+    if len(points) > 1:  # a vertex on the border comes out twice
+        points = points[np.any(points != np.roll(points, 1, axis=0), axis=1)]
+    return points
+
+
+class CropTransform(_FvcoreCropTransform):
+    """fvcore's crop (image, boxes, segmentations, coordinates), with polygons clipped to the
+    window by ``clip_polygon``: fvcore's ``apply_polygons`` needs shapely, which is not a
+    dependency, and silently drops polygons shapely finds invalid (self-intersecting ones,
+    common in COCO). Polygons with no area left in the window are dropped."""
+
+    def apply_polygons(self, polygons: list) -> list:
+        out = []
+        for polygon in polygons:
+            clipped = clip_polygon(polygon, self.x0, self.y0, self.x0 + self.w, self.y0 + self.h)
+            if len(clipped) >= 3 and polygon_area(clipped.reshape(-1)) > 0:
+                out.append(self.apply_coords(clipped))
+        return out
 
 
 class Augmentation(ABC):

@@ -7,16 +7,24 @@ import math
 import os
 from typing import Callable, Dict, List, Optional, Union
 
+import numpy as np
 from pycocotools.coco import COCO
+
+from detector.structures import polygon_area
 
 from ..catalog import DatasetCatalog, MetadataCatalog
 
-__all__ = ["load_coco_json", "register_coco_instances", "DatasetFormatError", "DROP_REASONS"]
+__all__ = ["load_coco_json", "register_coco_instances", "DatasetFormatError", "DROP_REASONS",
+           "SEGMENTATION_DROP_REASONS"]
 
 logger = logging.getLogger("detector.data")
 
 # Reasons an annotation box is dropped while loading, in the order they are checked
 DROP_REASONS = ("non_finite", "negative_size", "zero_size", "outside_image")
+# Reasons a polygon or an RLE is removed from an annotation while loading (its box is kept)
+SEGMENTATION_DROP_REASONS = ("polygon_malformed", "polygon_few_points", "polygon_zero_area",
+                             "rle_malformed", "rle_size_mismatch")
+_POLYGON_REASONS = SEGMENTATION_DROP_REASONS[:3]
 
 
 class DatasetFormatError(ValueError):
@@ -107,15 +115,50 @@ def _box_xyxy_or_reason(bbox_xywh, height: int, width: int):
     return clipped, clipped != box
 
 
-def _clean_segmentation(segm):
-    """Polygons with >= 3 points (an odd or short list is unusable), or the RLE dict as is.
-    Returns (segmentation or None, number of polygons dropped)."""
+# Polygons enclosing less (in pixels squared) are degenerate: collinear or repeated points
+_MIN_POLYGON_AREA = 1e-6
+
+
+def _polygon_problem(polygon) -> Optional[str]:
+    """None for a usable flat polygon [x0, y0, x1, y1, ...], else the drop reason."""
+    if not isinstance(polygon, list) or len(polygon) % 2:
+        return "polygon_malformed"
+    try:
+        # one pass over the values: a non-number fails, a NaN or inf makes the sum non-finite
+        if not math.isfinite(sum(polygon)):
+            return "polygon_malformed"
+    except TypeError:
+        return "polygon_malformed"
+    if len(polygon) < 6:
+        return "polygon_few_points"
+    if polygon_area(np.asarray(polygon, dtype=np.float64)) < _MIN_POLYGON_AREA:
+        return "polygon_zero_area"
+    return None
+
+
+def _clean_segmentation(segm, height: int, width: int, counts: Dict[str, int]):
+    """The usable part of a segmentation, or None: polygons with >= 3 points and some area, or
+    an RLE dict of the image's size. Each removed polygon / RLE is counted in ``counts`` under its
+    SEGMENTATION_DROP_REASONS reason."""
     if isinstance(segm, dict):
-        return segm, 0
+        if "counts" not in segm or not isinstance(segm.get("size"), (list, tuple)):
+            counts["rle_malformed"] += 1
+            return None
+        if list(segm["size"]) != [height, width]:
+            counts["rle_size_mismatch"] += 1
+            return None
+        return segm
     if not isinstance(segm, list):
-        return None, 0
-    polygons = [p for p in segm if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
-    return (polygons or None), len(segm) - len(polygons)
+        counts["polygon_malformed"] += 1
+        return None
+    polygons = []
+    for polygon in segm:
+        problem = _polygon_problem(polygon)
+        if problem is None:
+            polygons.append(polygon)
+        else:
+            counts[problem] += 1
+    return polygons or None
 
 
 def load_coco_json(
@@ -128,9 +171,13 @@ def load_coco_json(
     """Load a COCO instances json into dataset dicts (docs/architecture.md).
 
     Boxes become absolute XYXY; boxes partly outside the image are clipped; boxes with NaN/inf
-    values, negative or zero size, or fully outside the image are dropped. One warning summarises
-    the counts per reason; if ``stats`` (a dict) is given it receives ``images``, ``annotations``
-    (kept), ``empty_images``, ``clipped``, ``invalid_polygons`` and one count per DROP_REASONS.
+    values, negative or zero size, or fully outside the image are dropped. Segmentations keep only
+    their usable polygons (>= 3 points, some area) or an RLE of the image's size; an annotation
+    left without one keeps its box but has no "segmentation" (the mapper drops it with
+    MODEL.MASK_ON). One warning summarises the counts per reason; if ``stats`` (a dict) is given
+    it receives ``images``, ``annotations`` (kept), ``empty_images``, ``clipped``,
+    ``invalid_polygons`` (all polygon reasons), ``segmentation_removed`` (annotations left
+    without a segmentation) and one count per DROP_REASONS and SEGMENTATION_DROP_REASONS.
     Category ids are mapped to contiguous 0..K-1 in id order; with ``dataset_name`` the class names
     and both id maps are stored in ``MetadataCatalog.get(dataset_name)``. Images without
     annotations are kept (the training loader filters them)."""
@@ -153,7 +200,7 @@ def load_coco_json(
         )
 
     counts = {k: 0 for k in ("images", "annotations", "empty_images", "clipped",
-                             "invalid_polygons", *DROP_REASONS)}
+                             "segmentation_removed", *DROP_REASONS, *SEGMENTATION_DROP_REASONS)}
     dataset_dicts = []
     image_root = os.path.abspath(image_root)
     for img_id in sorted(coco.imgs):
@@ -178,23 +225,27 @@ def load_coco_json(
                 "iscrowd": int(ann.get("iscrowd", 0)),
             }
             if "segmentation" in ann:
-                segm, n_bad = _clean_segmentation(ann["segmentation"])
-                counts["invalid_polygons"] += n_bad
+                segm = _clean_segmentation(ann["segmentation"], height, width, counts)
                 if segm is not None:
                     obj["segmentation"] = segm
+                else:
+                    counts["segmentation_removed"] += 1
             record["annotations"].append(obj)
         counts["annotations"] += len(record["annotations"])
         counts["empty_images"] += int(not record["annotations"])
         dataset_dicts.append(record)
     counts["images"] = len(dataset_dicts)
+    counts["invalid_polygons"] = sum(counts[k] for k in _POLYGON_REASONS)
 
-    problems = {k: counts[k] for k in (*DROP_REASONS, "clipped", "invalid_polygons") if counts[k]}
+    problems = {k: counts[k] for k in (*DROP_REASONS, "clipped", *SEGMENTATION_DROP_REASONS,
+                                       "segmentation_removed") if counts[k]}
     if problems:
         dropped = sum(counts[k] for k in DROP_REASONS)
+        removed = sum(counts[k] for k in SEGMENTATION_DROP_REASONS)
         logger.warning(
             "%s: dropped %d annotation box(es), clipped %d to the image, removed %d invalid "
-            "polygon(s); counts: %s",
-            json_file, dropped, counts["clipped"], counts["invalid_polygons"],
+            "polygon(s)/RLE(s) (%d annotation(s) left without a segmentation); counts: %s",
+            json_file, dropped, counts["clipped"], removed, counts["segmentation_removed"],
             ", ".join(f"{k}={v}" for k, v in problems.items()),
         )
     logger.info("Loaded %d images (%d without annotations) and %d annotations from %s",
