@@ -28,6 +28,8 @@ _C.MODEL.SIZE_DIVISIBILITY = 0
 # Background anchors covered by a crowd region (INPUT.KEEP_CROWD) by at least this fraction of
 # their area are ignored in the loss; above 1 = never
 _C.MODEL.CROWD_IGNORE_FRACTION = 0.7
+# Instance masks: the mapper adds gt_masks to the training instances and the model predicts masks
+_C.MODEL.MASK_ON = False
 
 # ---------------------------------------------------------------------------
 # Norm layers (shared by backbone, neck and head)
@@ -100,6 +102,9 @@ _C.MODEL.NECK.NORM = ""
 _C.MODEL.NECK.MIN_LEVEL = 3
 # Highest pyramid level (7 = stride 128); levels above the backbone's come from a top block
 _C.MODEL.NECK.MAX_LEVEL = 7
+# Levels above 5: "conv" (3x3 stride-2 convs, RetinaNet's P6/P7) or "maxpool" (P6 only, kernel-1
+# stride-2 max-pool of P5, as Mask R-CNN's FPN; needs MAX_LEVEL 6)
+_C.MODEL.NECK.TOP_BLOCK = "conv"
 # Input of P6 in the top block: "p5" (torchvision v1) or "c5" (RetinaNet paper, detectron2)
 _C.MODEL.NECK.TOP_BLOCK_IN = "p5"
 
@@ -137,6 +142,9 @@ _C.MODEL.ANCHOR_GENERATOR.STRIDES = [8, 16, 32, 64, 128]
 _C.MODEL.ANCHOR_GENERATOR.OFFSET = 0.0
 # Round base anchor corners to integers, as torchvision does
 _C.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS = False
+# Anchor spacing per level: "pyramid" (2**level) or "torchvision" (padded size // feature size,
+# per axis; differs at the top levels when the padded size is not a multiple of their stride)
+_C.MODEL.ANCHOR_GENERATOR.STRIDE_RULE = "pyramid"
 
 # ---------------------------------------------------------------------------
 # RetinaNet head, matching, losses and inference
@@ -176,6 +184,136 @@ _C.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
 _C.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
 # Run inference in channels-last memory format (faster convolutions on CPU and tensor cores)
 _C.MODEL.RETINANET.CHANNELS_LAST_INFERENCE = True
+
+# ---------------------------------------------------------------------------
+# Proposal generator of two-stage detectors (Faster / Mask R-CNN) and its RPN
+# ---------------------------------------------------------------------------
+_C.MODEL.PROPOSAL_GENERATOR = CN()
+# Name in PROPOSAL_GENERATOR_REGISTRY (detector/modeling/proposal_generator/build.py): "RPN"
+_C.MODEL.PROPOSAL_GENERATOR.NAME = "RPN"
+# Proposals narrower or lower than this (pixels, after clipping) are dropped; torchvision: 1e-3
+_C.MODEL.PROPOSAL_GENERATOR.MIN_SIZE = 0.0
+
+_C.MODEL.RPN = CN()
+# Registered dense head (detector.modeling.dense_heads) scoring and regressing the anchors
+_C.MODEL.RPN.HEAD_NAME = "StandardRPNHead"
+# Pyramid levels the RPN reads, one anchor-generator level each
+_C.MODEL.RPN.IN_FEATURES = ["p2", "p3", "p4", "p5", "p6"]
+# Output channels of the head's shared 3x3 convs (+ ReLU); -1 = the input channels
+_C.MODEL.RPN.CONV_DIMS = [-1]
+# IoU below the first value = background, above the second = foreground, between = ignored
+_C.MODEL.RPN.IOU_THRESHOLDS = [0.3, 0.7]
+# Anchor label per IoU interval of IOU_THRESHOLDS: 0 background, -1 ignored, 1 foreground
+_C.MODEL.RPN.IOU_LABELS = [0, -1, 1]
+# Anchors sampled per image for the losses
+_C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+# At most this fraction of the sampled anchors is foreground
+_C.MODEL.RPN.POSITIVE_FRACTION = 0.5
+# Weights (wx, wy, ww, wh) of the anchor box delta encoding
+_C.MODEL.RPN.BBOX_REG_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# Box loss: "smooth_l1" (beta 0 = L1) or "giou"
+_C.MODEL.RPN.BBOX_REG_LOSS_TYPE = "smooth_l1"
+# Smooth-L1 beta of the box loss; 0.0 = L1 (detectron2), torchvision 1/9
+_C.MODEL.RPN.SMOOTH_L1_BETA = 0.0
+# Weight of both RPN losses
+_C.MODEL.RPN.LOSS_WEIGHT = 1.0
+# Extra weight of the RPN box loss (times LOSS_WEIGHT)
+_C.MODEL.RPN.BBOX_REG_LOSS_WEIGHT = 1.0
+# Loss divisor: "batch_size" (images x BATCH_SIZE_PER_IMAGE, detectron2) or "num_sampled" (the
+# anchors actually sampled, torchvision)
+_C.MODEL.RPN.LOSS_NORMALIZATION = "batch_size"
+# Under data parallelism sum the loss divisor over processes (divided by their number)
+_C.MODEL.RPN.LOSS_NORMALIZER_ALL_RANKS = True
+# Highest-scoring anchors kept per image and level before NMS, in training
+_C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 2000
+# Highest-scoring anchors kept per image and level before NMS, at test time
+_C.MODEL.RPN.PRE_NMS_TOPK_TEST = 1000
+# Proposals kept per image after NMS, in training (torchvision: 2000)
+_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000
+# Proposals kept per image after NMS, at test time
+_C.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
+# IoU threshold of the NMS, run per pyramid level
+_C.MODEL.RPN.NMS_THRESH = 0.7
+# Proposals with objectness probability below this are dropped (0.0 keeps all, as torchvision)
+_C.MODEL.RPN.SCORE_THRESH = 0.0
+
+# ---------------------------------------------------------------------------
+# RoI heads of two-stage detectors (Faster / Mask R-CNN): proposal sampling, box and mask heads
+# ---------------------------------------------------------------------------
+_C.MODEL.ROI_HEADS = CN()
+# Name in ROI_HEADS_REGISTRY (detector/modeling/roi_heads/build.py): "StandardROIHeads"
+_C.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
+# Number of foreground classes
+_C.MODEL.ROI_HEADS.NUM_CLASSES = 80
+# Pyramid levels the RoIs are pooled from (consecutive; box side 224 px maps to p4)
+_C.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
+# IoU cut points of proposal-to-ground-truth matching (no low-quality matches)
+_C.MODEL.ROI_HEADS.IOU_THRESHOLDS = [0.5]
+# Proposal label per IoU interval of IOU_THRESHOLDS: 0 background, -1 ignored, 1 foreground
+_C.MODEL.ROI_HEADS.IOU_LABELS = [0, 1]
+# Proposals sampled per image for the box losses
+_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
+# At most this fraction of the sampled proposals is foreground
+_C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+# Add the ground-truth boxes to the proposals in training
+_C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
+# Test-time (proposal, class) candidates scoring at or below this are dropped
+_C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
+# IoU threshold of the per-class NMS at test time
+_C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+# Test-time detections narrower or lower than this (pixels) are dropped; 0 keeps all (tv: 1e-2)
+_C.MODEL.ROI_HEADS.MIN_BOX_SIZE_TEST = 0.0
+
+_C.MODEL.ROI_BOX_HEAD = CN()
+# Name in ROI_BOX_HEAD_REGISTRY: "FastRCNNConvFCHead" (NUM_CONV convs, then NUM_FC fcs)
+_C.MODEL.ROI_BOX_HEAD.NAME = "FastRCNNConvFCHead"
+# 3x3 convs before the fcs (4 with NORM "GN" = detectron2's 4conv1fc head)
+_C.MODEL.ROI_BOX_HEAD.NUM_CONV = 0
+# Channels of those convs
+_C.MODEL.ROI_BOX_HEAD.CONV_DIM = 256
+# Fully connected layers (2 = the 2fc head of Mask R-CNN FPN)
+_C.MODEL.ROI_BOX_HEAD.NUM_FC = 2
+# Width of those fcs
+_C.MODEL.ROI_BOX_HEAD.FC_DIM = 1024
+# Norm of the box head convs (names as MODEL.BACKBONE.NORM)
+_C.MODEL.ROI_BOX_HEAD.NORM = ""
+# One box regression for all classes instead of one per class
+_C.MODEL.ROI_BOX_HEAD.CLS_AGNOSTIC_BBOX_REG = False
+# Weights (wx, wy, ww, wh) of the proposal box delta encoding
+_C.MODEL.ROI_BOX_HEAD.BBOX_REG_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
+# Box loss: "smooth_l1" (beta 0 = L1) or "giou"
+_C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_TYPE = "smooth_l1"
+# Weight of the box loss
+_C.MODEL.ROI_BOX_HEAD.BBOX_REG_LOSS_WEIGHT = 1.0
+# Smooth-L1 beta of the box loss; 0.0 = L1 (detectron2), torchvision 1/9
+_C.MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA = 0.0
+# Side of the pooled RoI features
+_C.MODEL.ROI_BOX_HEAD.POOLER_RESOLUTION = 7
+# RoIAlign sampling points per bin side; 0 = adaptive (torchvision: 2)
+_C.MODEL.ROI_BOX_HEAD.POOLER_SAMPLING_RATIO = 0
+# "ROIAlignV2" (half-pixel aligned, detectron2) or "ROIAlign" (torchvision)
+_C.MODEL.ROI_BOX_HEAD.POOLER_TYPE = "ROIAlignV2"
+
+_C.MODEL.ROI_MASK_HEAD = CN()
+# Name in ROI_MASK_HEAD_REGISTRY: "MaskRCNNConvUpsampleHead" (convs, 2x deconv, 1x1 predictor)
+_C.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
+# 3x3 convs before the 2x transposed conv
+_C.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
+# Channels of those convs and of the transposed conv
+_C.MODEL.ROI_MASK_HEAD.CONV_DIM = 256
+# Norm of the mask head convs (names as MODEL.BACKBONE.NORM)
+_C.MODEL.ROI_MASK_HEAD.NORM = ""
+# One mask for all classes instead of one per class
+_C.MODEL.ROI_MASK_HEAD.CLS_AGNOSTIC_MASK = False
+# Side of the pooled RoI features; masks are twice this (14 -> 28)
+_C.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+# RoIAlign sampling points per bin side; 0 = adaptive (torchvision: 2)
+_C.MODEL.ROI_MASK_HEAD.POOLER_SAMPLING_RATIO = 0
+# "ROIAlignV2" (half-pixel aligned, detectron2) or "ROIAlign" (torchvision)
+_C.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlignV2"
+# Mask targets: "binary" (aligned RoIAlign of the gt masks, thresholded at 0.5, detectron2) or
+# "soft" (unaligned RoIAlign, fractional values kept, torchvision)
+_C.MODEL.ROI_MASK_HEAD.TARGET_TYPE = "binary"
 
 # ---------------------------------------------------------------------------
 # EfficientDet (meta-architecture "EfficientDet": backbone + BiFPN + separable-conv heads)
@@ -241,6 +379,9 @@ _C.INPUT.FORMAT = "RGB"
 # Keep crowd annotations in training as regions that only make anchors ignored (see
 # MODEL.CROWD_IGNORE_FRACTION); False drops them, as torchvision and effdet do
 _C.INPUT.KEEP_CROWD = True
+# How polygon masks reach the model with MODEL.MASK_ON: "polygon" (PolygonMasks) or "bitmask"
+# (BitMasks); RLE annotations always become BitMasks
+_C.INPUT.MASK_FORMAT = "polygon"
 # Train-time resize: "shortest_edge" (MIN/MAX_SIZE_TRAIN) or "scale_jitter" (EfficientDet's
 # random scale of a MAX_SIZE_TRAIN square, then a random MAX_SIZE_TRAIN crop)
 _C.INPUT.RESIZE_MODE_TRAIN = "shortest_edge"
