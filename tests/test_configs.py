@@ -8,7 +8,7 @@ from detector.config import get_cfg
 from detector.engine.train_loop import SimpleTrainer
 from detector.modeling import build_model
 from detector.solver import build_optimizer
-from detector.structures import Boxes, Instances
+from detector.structures import BitMasks, Boxes, Instances
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -16,6 +16,9 @@ CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 TINY = [
     "MODEL.DEVICE", "cpu",
     "MODEL.RETINANET.NUM_CLASSES", "3",
+    "MODEL.ROI_HEADS.NUM_CLASSES", "3",
+    "MODEL.ROI_BOX_HEAD.FC_DIM", "32",
+    "MODEL.ROI_MASK_HEAD.CONV_DIM", "16",
     "MODEL.NECK.OUT_CHANNELS", "16",
     "MODEL.GN.NUM_GROUPS", "4",
     "MODEL.EVONORM.NUM_GROUPS", "4",
@@ -32,8 +35,12 @@ def _batch(num_images=2, size=128, seed=0):
         xy = torch.rand(3, 2, generator=g) * (size / 2)
         wh = 12 + torch.rand(3, 2, generator=g) * (size / 2 - 12)
         boxes = torch.cat([xy, xy + wh], dim=1)
+        masks = torch.zeros(3, size, size, dtype=torch.bool)
+        for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+            masks[k, y1:y2, x1:x2] = True
         inst = Instances((size, size), gt_boxes=Boxes(boxes),
-                         gt_classes=torch.tensor([0, 1, 2], dtype=torch.int64))
+                         gt_classes=torch.tensor([0, 1, 2], dtype=torch.int64),
+                         gt_masks=BitMasks(masks))
         batch.append({"image": image, "height": size, "width": size, "image_id": i,
                       "instances": inst})
     return batch
@@ -41,6 +48,7 @@ def _batch(num_images=2, size=128, seed=0):
 
 # every shipped config; a config added or removed must be added or removed here as well
 EXPECTED_CONFIGS = [
+    "Base-RCNN-FPN.yaml",
     "Base-RetinaNet.yaml",
     "coco2014/Base-RetinaNet-COCO2014.yaml",
     "coco2014/efficientdet_D0_EvoNormS0_giou_cosine.yaml",
@@ -53,6 +61,7 @@ EXPECTED_CONFIGS = [
     "coco2014/retinanet_R_50_FPN_GN_head_BN.yaml",
     "coco2014/retinanet_R_50_FPN_SN.yaml",
     "coco2014/retinanet_R_50_FPN_SN_giou.yaml",
+    "demo/mask_rcnn_tiny_shapes.yaml",
     "demo/retinanet_tiny_shapes.yaml",
     "efficientdet/Base-EfficientDet.yaml",
     "efficientdet/EfficientDet-D0-EvoNormS0.yaml",
@@ -66,6 +75,7 @@ EXPECTED_CONFIGS = [
     "efficientdet/EfficientDet-D6.yaml",
     "efficientdet/EfficientDet-D7.yaml",
     "efficientdet/EfficientDet-tiny-shapes.yaml",
+    "mask_rcnn/mask_rcnn_R_50_FPN_1x.yaml",
     "pyramid/retinanet_P2-P5_a8.yaml",
     "pyramid/retinanet_P2-P5_high.yaml",
     "pyramid/retinanet_P2-P5_low.yaml",

@@ -18,6 +18,13 @@ from random_statistics import randomize_batchnorms
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TV_CONFIG = ROOT / "configs" / "retinanet" / "retinanet_R_50_FPN_torchvision.yaml"
 IMAGE_SIZES = [(256, 384), (256, 256)]  # padded to 256x384, a multiple of P7's stride 128
+# batches padded to multiples of 32 that are not multiples of P6/P7's strides, as most COCO
+# batches: torchvision's anchor strides there are padded size // feature size (P7 at 480x544:
+# 120 x 108); keyed by the padded size, one image at 480x544 to keep the default test run short
+UNEVEN_IMAGE_SIZES = {
+    "480x544": [(480, 520)],
+    "800x1088": [(800, 1088), (800, 1000)],
+}
 
 
 def torchvision_cfg(*opts):
@@ -40,6 +47,24 @@ def _randomize(tv, generator):
         tv.head.regression_head.bbox_reg.weight.normal_(0, 0.005, generator=generator)
 
 
+def make_images(sizes, seed=2):
+    """Float 0-255 random images of ``sizes`` [(h, w), ...]."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, h, w), generator=g).float() for h, w in sizes]
+
+
+def set_torchvision_input_sizes(tv, sizes):
+    """Makes ``tv``'s transform keep images of ``sizes`` at scale 1 (no resizing), so both models
+    see the same pixels; every image needs its shorter side equal to the batch's shortest."""
+    min_size = min(min(h, w) for h, w in sizes)
+    max_size = max(max(h, w) for h, w in sizes)
+    for h, w in sizes:
+        scale = min(min_size / min(h, w), max_size / max(h, w))
+        assert scale == 1.0, f"torchvision would resize the {h}x{w} image by {scale}"
+    tv.transform.min_size = (min_size,)
+    tv.transform.max_size = max_size
+
+
 def build_torchvision_pair():
     """Returns ``(tv, ours, converted, images)``: a seeded torchvision RetinaNet (91 classes) with
     randomised statistics, our model loaded strictly with ``converted`` (its converted state dict),
@@ -57,6 +82,4 @@ def build_torchvision_pair():
     ours = build_model(cfg)
     converted = convert_torchvision_retinanet_state_dict(tv.state_dict(), ours.state_dict())
     ours.load_state_dict(converted, strict=True)
-    g = torch.Generator().manual_seed(2)
-    images = [torch.randint(0, 256, (3, h, w), generator=g).float() for h, w in IMAGE_SIZES]
-    return tv, ours, converted, images
+    return tv, ours, converted, make_images(IMAGE_SIZES)

@@ -9,16 +9,24 @@ effdet style (``aspect_multipliers`` given, ``scale_major=True``, ``offset=0.5``
 ``size * scale * (mw, mh)`` for effdet's (width, height) multipliers such as (1.4, 0.7), ordered
 scale-major (all aspects of the first octave scale, then the next), computed in float64 and cast
 to float32 like effdet's numpy code, so they equal ``effdet.anchors.Anchors`` (in XYXY order).
+
+Stride rules: "pyramid" places level ``l``'s anchors ``2**l`` pixels apart. "torchvision" derives
+each level's stride per axis from the padded batch size as ``H_pad // H_l`` and ``W_pad // W_l``,
+as torchvision's ``AnchorGenerator`` does; the two agree when the padded size is a multiple of
+the largest stride, otherwise the top levels differ (P6 at 800 px: stride 61, not 64).
 """
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from detector.layers import ShapeSpec
 
-__all__ = ["AnchorGenerator", "efficientdet_anchor_generator", "normalize_sizes_per_level"]
+__all__ = ["AnchorGenerator", "efficientdet_anchor_generator", "normalize_sizes_per_level",
+           "STRIDE_RULES"]
+
+STRIDE_RULES = ("pyramid", "torchvision")
 
 
 def normalize_sizes_per_level(sizes, num_levels: int, key="MODEL.ANCHOR_GENERATOR.SIZES"):
@@ -48,9 +56,12 @@ class AnchorGenerator(nn.Module):
         aspect_multipliers: optional (width, height) multipliers replacing ``ratios`` (effdet's
             ``aspect_ratios``); anchors are then computed in float64.
         scale_major: order anchors per location scale-major (effdet) instead of ratio-major.
+        stride_rule: "pyramid" (``strides``) or "torchvision" (padded size // feature size per
+            axis; ``forward`` then needs ``image_size``).
 
-    ``forward(features)`` takes the per-level feature maps (only their H, W are used) and returns
-    per-level (H * W * A, 4) float32 XYXY tensors.
+    ``forward(features, image_size=None)`` takes the per-level feature maps (only their H, W are
+    used) and the padded batch size (H, W), and returns per-level (H * W * A, 4) float32 XYXY
+    tensors.
     """
 
     _MAX_CACHED_GRIDS = 64
@@ -58,8 +69,12 @@ class AnchorGenerator(nn.Module):
     def __init__(self, *, sizes: Sequence[Sequence[float]], scales: Sequence[float],
                  ratios: Sequence[float], strides: Sequence[int], offset: float = 0.0,
                  round_base_anchors: bool = False,
-                 aspect_multipliers: Sequence[Sequence[float]] = (), scale_major: bool = False):
+                 aspect_multipliers: Sequence[Sequence[float]] = (), scale_major: bool = False,
+                 stride_rule: str = "pyramid"):
         super().__init__()
+        if stride_rule not in STRIDE_RULES:
+            raise ValueError(f"MODEL.ANCHOR_GENERATOR.STRIDE_RULE='{stride_rule}' must be one of "
+                             f"{list(STRIDE_RULES)}")
         sizes = normalize_sizes_per_level(sizes, len(strides))
         aspect_multipliers = [tuple(float(v) for v in m) for m in aspect_multipliers]
         if aspect_multipliers:
@@ -80,6 +95,7 @@ class AnchorGenerator(nn.Module):
         self.round_base_anchors = bool(round_base_anchors)
         self.aspect_multipliers = aspect_multipliers
         self.scale_major = bool(scale_major)
+        self.stride_rule = stride_rule
         # effdet-style anchors are exact float64 values rounded once to float32
         self._float64 = bool(aspect_multipliers)
         for i, level_sizes in enumerate(sizes):
@@ -125,27 +141,25 @@ class AnchorGenerator(nn.Module):
     def base_anchors(self, level_index: int) -> torch.Tensor:
         return getattr(self, f"base_anchors_{level_index}")
 
-    def _grid_anchors(self, level_index: int, height: int, width: int) -> torch.Tensor:
+    def _grid_anchors(self, level_index: int, height: int, width: int, stride_h: int,
+                      stride_w: int) -> torch.Tensor:
         base = self.base_anchors(level_index)
-        key = (level_index, height, width, base.device)
+        key = (level_index, height, width, stride_h, stride_w, base.device)
         cached = self._grid_cache.get(key)
         if cached is not None:
             self._grid_cache.move_to_end(key)
             return cached
-        stride = self.strides[level_index]
         if self._float64:
-            shifts_x = (torch.arange(width, dtype=torch.float64, device=base.device)
-                        + self.offset) * stride
-            shifts_y = (torch.arange(height, dtype=torch.float64, device=base.device)
-                        + self.offset) * stride
+            dtype = torch.float64
         elif self.offset == 0.0:  # integer shifts, exactly as torchvision
-            shifts_x = torch.arange(width, dtype=torch.int32, device=base.device) * stride
-            shifts_y = torch.arange(height, dtype=torch.int32, device=base.device) * stride
+            dtype = torch.int32
         else:
-            shifts_x = (torch.arange(width, dtype=torch.float32, device=base.device)
-                        + self.offset) * stride
-            shifts_y = (torch.arange(height, dtype=torch.float32, device=base.device)
-                        + self.offset) * stride
+            dtype = torch.float32
+        shifts_x = torch.arange(width, dtype=dtype, device=base.device)
+        shifts_y = torch.arange(height, dtype=dtype, device=base.device)
+        if self.offset != 0.0:
+            shifts_x, shifts_y = shifts_x + self.offset, shifts_y + self.offset
+        shifts_x, shifts_y = shifts_x * stride_w, shifts_y * stride_h
         shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
         shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
@@ -155,12 +169,35 @@ class AnchorGenerator(nn.Module):
             self._grid_cache.popitem(last=False)
         return anchors
 
-    def forward(self, features: List[torch.Tensor]) -> List[torch.Tensor]:
+    def level_strides(self, feature_sizes: Sequence[Tuple[int, int]],
+                      image_size: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
+        """(stride_h, stride_w) per level for feature maps of ``feature_sizes`` (H_l, W_l) computed
+        from a padded batch of ``image_size`` (H, W), following ``stride_rule``."""
+        if self.stride_rule == "pyramid":
+            return [(s, s) for s in self.strides]
+        if image_size is None:
+            raise ValueError("MODEL.ANCHOR_GENERATOR.STRIDE_RULE='torchvision' needs the padded "
+                             "image size: call the anchor generator with image_size=(H, W)")
+        image_h, image_w = int(image_size[0]), int(image_size[1])
+        strides = []
+        for i, (h, w) in enumerate(feature_sizes):
+            if not 0 < h <= image_h or not 0 < w <= image_w:
+                raise ValueError(f"Anchor level {i}: feature map {h}x{w} does not fit the padded "
+                                 f"image {image_h}x{image_w}")
+            strides.append((image_h // h, image_w // w))
+        return strides
+
+    def forward(self, features: List[torch.Tensor],
+                image_size: Optional[Sequence[int]] = None) -> List[torch.Tensor]:
+        """Per-level anchors for ``features`` (N, C, H_l, W_l); ``image_size`` is the padded
+        batch's (H, W), needed by the "torchvision" stride rule."""
         if len(features) != self.num_levels:
             raise ValueError(f"AnchorGenerator has {self.num_levels} levels but got "
                              f"{len(features)} feature maps")
-        return [self._grid_anchors(i, int(f.shape[-2]), int(f.shape[-1]))
-                for i, f in enumerate(features)]
+        feature_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        strides = self.level_strides(feature_sizes, image_size)
+        return [self._grid_anchors(i, h, w, stride_h, stride_w)
+                for i, ((h, w), (stride_h, stride_w)) in enumerate(zip(feature_sizes, strides))]
 
     @classmethod
     def from_config(cls, cfg, feature_shapes: Dict[str, ShapeSpec]) -> dict:
@@ -180,6 +217,7 @@ class AnchorGenerator(nn.Module):
             "strides": strides,
             "offset": cfg.MODEL.ANCHOR_GENERATOR.OFFSET,
             "round_base_anchors": cfg.MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS,
+            "stride_rule": cfg.MODEL.ANCHOR_GENERATOR.STRIDE_RULE,
         }
 
 

@@ -126,3 +126,113 @@ def test_sizes_must_cover_every_level():
         AnchorGenerator.from_config(cfg, _pyramid(range(3, 8)))
     with pytest.raises(ValueError, match="same number of sizes"):
         AnchorGenerator(sizes=[[32, 40], [64]], scales=[1.0], ratios=[1.0], strides=[8, 16])
+
+
+def _retinanet_level_sizes(image_h, image_w):
+    """P3-P7 feature sizes of a ResNet + FPN (P6/P7 by 3x3 stride-2 convs) on a padded batch."""
+    sizes = [(image_h // 8, image_w // 8), (image_h // 16, image_w // 16),
+             (image_h // 32, image_w // 32)]
+    for _ in range(2):
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sizes
+
+
+def _torchvision_retinanet_generators(stride_rule):
+    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3)))
+                  for x in [32, 64, 128, 256, 512])
+    tv = TVAnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * 5)
+    ours = AnchorGenerator(sizes=[list(s) for s in sizes], scales=[1.0], ratios=[0.5, 1.0, 2.0],
+                           strides=[8, 16, 32, 64, 128], offset=0.0, round_base_anchors=True,
+                           stride_rule=stride_rule)
+    return tv, ours
+
+
+@pytest.mark.parametrize("image_size", [(480, 544), (800, 1088), (256, 384)])
+def test_torchvision_stride_rule_matches_torchvision_at_any_padded_size(image_size):
+    tv, ours = _torchvision_retinanet_generators("torchvision")
+    _, pyramid = _torchvision_retinanet_generators("pyramid")
+    features = [torch.zeros(1, 4, h, w) for h, w in _retinanet_level_sizes(*image_size)]
+    expected = tv(TVImageList(torch.zeros(1, 3, *image_size), [image_size]), features)[0]
+    got = ours(features, image_size)
+    assert torch.equal(torch.cat(got), expected)
+    # the pyramid rule agrees on P3-P5 (multiples of 32) and only where the size is a multiple
+    # of P6's and P7's strides too
+    by_pyramid = pyramid(features)
+    for level in range(5):
+        same = torch.equal(by_pyramid[level], got[level])
+        stride = 8 * 2 ** level
+        assert same == (image_size[0] % stride == 0 and image_size[1] % stride == 0)
+
+
+def test_torchvision_stride_rule_gives_per_axis_strides():
+    _, ours = _torchvision_retinanet_generators("torchvision")
+    sizes = _retinanet_level_sizes(800, 1088)
+    assert sizes[3:] == [(13, 17), (7, 9)]
+    assert ours.level_strides(sizes, (800, 1088)) == [(8, 8), (16, 16), (32, 32), (61, 64),
+                                                       (114, 120)]
+    p7 = ours([torch.zeros(1, 1, h, w) for h, w in sizes], (800, 1088))[4].view(7, 9, 9, 4)
+    # the same anchor shape one cell right / down moves by stride_w / stride_h
+    torch.testing.assert_close(p7[0, 1] - p7[0, 0], torch.tensor([120.0, 0, 120, 0]).expand(9, 4))
+    torch.testing.assert_close(p7[1, 0] - p7[0, 0], torch.tensor([0, 114.0, 0, 114]).expand(9, 4))
+
+
+def test_mask_rcnn_anchors_on_p2_p6_match_torchvision():
+    """torchvision's Mask R-CNN RPN anchors: one size per level on P2-P6, P6 = max-pool of P5."""
+    tv = TVAnchorGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.NECK.MIN_LEVEL", "2", "MODEL.NECK.MAX_LEVEL", "6",
+                         "MODEL.ANCHOR_GENERATOR.SIZES", "[[32], [64], [128], [256], [512]]",
+                         "MODEL.ANCHOR_GENERATOR.SCALES", "[1.0]",
+                         "MODEL.ANCHOR_GENERATOR.STRIDES", "[4, 8, 16, 32, 64]",
+                         "MODEL.ANCHOR_GENERATOR.ROUND_BASE_ANCHORS", "True",
+                         "MODEL.ANCHOR_GENERATOR.STRIDE_RULE", "torchvision"])
+    ours = AnchorGenerator(**AnchorGenerator.from_config(cfg, _pyramid(range(2, 7))))
+    assert ours.stride_rule == "torchvision" and ours.num_anchors_per_location == 3
+    image_size = (800, 1088)
+    features = [torch.zeros(1, 2, 800 // s, 1088 // s) for s in (4, 8, 16, 32)]
+    features.append(features[-1][..., ::2, ::2])  # 13x17: stride 61 x 64
+    expected = tv(TVImageList(torch.zeros(1, 3, *image_size), [image_size]), features)[0]
+    assert torch.equal(torch.cat(ours(features, image_size)), expected)
+
+
+def test_grid_cache_is_keyed_by_the_strides():
+    _, ours = _torchvision_retinanet_generators("torchvision")
+    features = [torch.zeros(1, 1, h, w) for h, w in _retinanet_level_sizes(800, 1088)]
+    at_800 = ours(features, (800, 1088))
+    assert ours(features, (800, 1088))[3] is at_800[3]
+    at_832 = ours(features, (832, 1088))  # same P6 size 13x17, stride 64 instead of 61
+    assert at_832[0] is at_800[0]
+    assert not torch.equal(at_832[3], at_800[3])
+    assert float(at_832[3][-1, 1] - at_800[3][-1, 1]) == 12 * (64 - 61)
+
+
+def test_torchvision_stride_rule_with_offset_centres_cells_per_axis():
+    gen = AnchorGenerator(sizes=[[16]], scales=[1.0], ratios=[1.0], strides=[8], offset=0.5,
+                          stride_rule="torchvision")
+    anchors = gen([torch.zeros(1, 1, 2, 3)], (20, 30))[0]  # strides 10 (h) and 10 (w)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    expected = torch.tensor([[5.0, 5.0], [15.0, 5.0], [25.0, 5.0],
+                             [5.0, 15.0], [15.0, 15.0], [25.0, 15.0]])
+    assert torch.equal(centres, expected)
+    anchors = gen([torch.zeros(1, 1, 2, 3)], (18, 36))[0]  # strides 9 (h) and 12 (w)
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    assert torch.equal(centres[:3, 0], torch.tensor([6.0, 18.0, 30.0]))
+    assert torch.equal(centres[::3, 1], torch.tensor([4.5, 13.5]))
+
+
+def test_stride_rule_errors():
+    with pytest.raises(ValueError, match=r"STRIDE_RULE='keras' must be one of \['pyramid', "
+                                         r"'torchvision'\]"):
+        AnchorGenerator(sizes=[[16]], scales=[1.0], ratios=[1.0], strides=[8],
+                        stride_rule="keras")
+    gen = AnchorGenerator(sizes=[[16]], scales=[1.0], ratios=[1.0], strides=[8],
+                          stride_rule="torchvision")
+    with pytest.raises(ValueError, match="STRIDE_RULE='torchvision' needs the padded image size"):
+        gen([torch.zeros(1, 1, 4, 4)])
+    with pytest.raises(ValueError, match="feature map 4x4 does not fit the padded image 3x32"):
+        gen([torch.zeros(1, 1, 4, 4)], (3, 32))
+    cfg = get_cfg()
+    cfg.merge_from_list(["MODEL.ANCHOR_GENERATOR.STRIDE_RULE", "nearest"])
+    with pytest.raises(ValueError, match="MODEL.ANCHOR_GENERATOR.STRIDE_RULE='nearest'"):
+        AnchorGenerator(**AnchorGenerator.from_config(cfg, _pyramid(range(3, 8))))

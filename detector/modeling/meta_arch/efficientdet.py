@@ -149,7 +149,7 @@ class EfficientDet(DenseDetector):
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
         images = self.preprocess_image(batched_inputs)
         pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
-        anchors = torch.cat(self.anchor_generator(features))
+        anchors = torch.cat(self.anchor_generator(features, images.tensor.shape[-2:]))
         # per level (N, H*W*A, K), in the order of the anchors; views of channels-last outputs
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
         pred_anchor_deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in pred_anchor_deltas],

@@ -115,7 +115,7 @@ class RetinaNet(DenseDetector):
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
         images = self.preprocess_image(batched_inputs)
         pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
-        anchors = self.anchor_generator(features)
+        anchors = self.anchor_generator(features, images.tensor.shape[-2:])
         # (N, H*W*A, K) and (N, H*W*A, 4) per level, the order of the anchors
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
         pred_anchor_deltas = [permute_to_N_HWA_K(x, 4).float() for x in pred_anchor_deltas]

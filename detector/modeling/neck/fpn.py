@@ -1,9 +1,11 @@
-"""Feature Pyramid Network (Lin et al. 2017) with RetinaNet's extra P6/P7 levels.
+"""Feature Pyramid Network (Lin et al. 2017) with RetinaNet's extra P6/P7 or Mask R-CNN's P6.
 
 Levels ``min_level``..5 come from the backbone's ``c<k>`` through a 1x1 lateral conv, the top-down
 path (nearest upsampling to the lateral's size, then add) and a 3x3 output conv. Levels above 5 come
-from the top block: P6 is a 3x3 stride-2 conv on ``p5`` (torchvision v1) or ``c5`` (paper,
-detectron2), each further level is ReLU then a 3x3 stride-2 conv on the previous one.
+from the top block. "conv" (RetinaNet): P6 is a 3x3 stride-2 conv on ``p5`` (torchvision v1) or
+``c5`` (paper, detectron2), each further level is ReLU then a 3x3 stride-2 conv on the previous
+one. "maxpool" (Mask R-CNN): P6 alone, ``p5`` subsampled by a kernel-1 stride-2 max-pool, as
+torchvision's ``LastLevelMaxPool`` and detectron2's ``LastLevelMaxPool``.
 
 The lateral and output convs take the neck's norm through :class:`detector.layers.ConvNormAct`
 (no activation follows them, so EvoNorm is used without its nonlinearity); the top block has none.
@@ -19,7 +21,9 @@ from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec
 
 from .build import NECK_REGISTRY
 
-__all__ = ["FeaturePyramidNetwork", "FPN"]
+__all__ = ["FeaturePyramidNetwork", "FPN", "TOP_BLOCKS"]
+
+TOP_BLOCKS = ("conv", "maxpool")
 
 
 class FeaturePyramidNetwork(nn.Module):
@@ -28,19 +32,29 @@ class FeaturePyramidNetwork(nn.Module):
             (and ``c5`` when ``top_block_in`` is "c5" and ``max_level`` > 5).
         out_channels: channels of every output level.
         min_level, max_level: output levels ``p<min_level>``..``p<max_level>``.
-        top_block_in: "p5" or "c5", the input of P6.
+        top_block: "conv" (stride-2 convs for every level above 5) or "maxpool" (P6 only, a
+            parameter-free subsampling of P5; ``max_level`` must be 6).
+        top_block_in: "p5" or "c5", the input of P6 (only "p5" with the "maxpool" block).
         norm: norm of the lateral and output convs, a :class:`detector.layers.NormSpec` or a
             name ("" for none); the top block has none.
     """
 
     def __init__(self, *, input_shape: Dict[str, ShapeSpec], out_channels: int = 256,
-                 min_level: int = 3, max_level: int = 7, top_block_in: str = "p5", norm=""):
+                 min_level: int = 3, max_level: int = 7, top_block: str = "conv",
+                 top_block_in: str = "p5", norm=""):
         super().__init__()
         if not 1 <= min_level <= 5 or max_level < min_level:
             raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: need "
                              "1 <= MIN_LEVEL <= 5 and MAX_LEVEL >= MIN_LEVEL")
         if top_block_in not in ("p5", "c5"):
             raise ValueError(f"MODEL.NECK.TOP_BLOCK_IN='{top_block_in}' must be 'p5' or 'c5'")
+        if top_block not in TOP_BLOCKS:
+            raise ValueError(f"MODEL.NECK.TOP_BLOCK='{top_block}' must be one of "
+                             f"{list(TOP_BLOCKS)}")
+        if top_block == "maxpool" and (max_level != 6 or top_block_in != "p5"):
+            raise ValueError(f"MODEL.NECK.TOP_BLOCK='maxpool' makes P6 alone from P5: needs "
+                             f"MAX_LEVEL=6 (got {max_level}) and TOP_BLOCK_IN='p5' "
+                             f"(got '{top_block_in}')")
         backbone_levels = list(range(min_level, min(5, max_level) + 1))
         needed = [f"c{k}" for k in backbone_levels]
         if max_level > 5 and top_block_in == "c5":
@@ -58,17 +72,20 @@ class FeaturePyramidNetwork(nn.Module):
                                  f"expected {2 ** k}")
         self.min_level, self.max_level = min_level, max_level
         self.backbone_levels = backbone_levels
+        self.top_block_name = top_block
         self.top_block_in = top_block_in
         self.out_channels = out_channels
 
-        conv = partial(ConvNormAct, norm=as_norm_spec(norm, "MODEL.NECK.NORM"), activation=None, weight_init=_init_weight_)
+        conv = partial(ConvNormAct, norm=as_norm_spec(norm, "MODEL.NECK.NORM"), activation=None,
+                       weight_init=_init_weight_)
         self.lateral_convs = nn.ModuleDict()
         self.output_convs = nn.ModuleDict()
         for k in backbone_levels:
             self.lateral_convs[f"p{k}"] = conv(input_shape[f"c{k}"].channels, out_channels, 1)
             self.output_convs[f"p{k}"] = conv(out_channels, out_channels, 3)
-        self.top_block = nn.ModuleDict()
-        for k in range(6, max_level + 1):
+        self.top_block = nn.ModuleDict()  # stays empty for "maxpool", which has no parameters
+        conv_levels = range(6, max_level + 1) if top_block == "conv" else ()
+        for k in conv_levels:
             from_c5 = k == 6 and top_block_in == "c5"
             in_ch = input_shape["c5"].channels if from_c5 else out_channels
             self.top_block[f"p{k}"] = nn.Conv2d(in_ch, out_channels, kernel_size=3, stride=2,
@@ -89,14 +106,17 @@ class FeaturePyramidNetwork(nn.Module):
                 lateral = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
             top_down = lateral
             results[f"p{k}"] = self.output_convs[f"p{k}"](lateral)
+        if self.top_block_name == "maxpool":
+            # kernel 1, stride 2: every other row and column of P5, size ceil(P5 / 2)
+            results["p6"] = F.max_pool2d(results["p5"], kernel_size=1, stride=2, padding=0)
         previous = None
-        for k in range(6, self.max_level + 1):
-            if k == 6:
+        for k in self.top_block:
+            if k == "p6":
                 x = features["c5"] if self.top_block_in == "c5" else results["p5"]
             else:
                 x = F.relu(previous)
-            previous = self.top_block[f"p{k}"](x)
-            results[f"p{k}"] = previous
+            previous = self.top_block[k](x)
+            results[k] = previous
         return {f"p{k}": results[f"p{k}"] for k in range(self.min_level, self.max_level + 1)}
 
     @classmethod
@@ -106,6 +126,7 @@ class FeaturePyramidNetwork(nn.Module):
             "out_channels": cfg.MODEL.NECK.OUT_CHANNELS,
             "min_level": cfg.MODEL.NECK.MIN_LEVEL,
             "max_level": cfg.MODEL.NECK.MAX_LEVEL,
+            "top_block": cfg.MODEL.NECK.TOP_BLOCK,
             "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN,
             "norm": NormSpec.from_config(cfg, cfg.MODEL.NECK.NORM, key="MODEL.NECK.NORM"),
         }
