@@ -76,6 +76,7 @@ EXPECTED_CONFIGS = [
     "efficientdet/EfficientDet-D7.yaml",
     "efficientdet/EfficientDet-tiny-shapes.yaml",
     "mask_rcnn/mask_rcnn_R_50_FPN_1x.yaml",
+    "mask_rcnn/mask_rcnn_R_50_FPN_torchvision.yaml",
     "pyramid/retinanet_P2-P5_a8.yaml",
     "pyramid/retinanet_P2-P5_high.yaml",
     "pyramid/retinanet_P2-P5_low.yaml",

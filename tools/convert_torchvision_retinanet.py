@@ -16,17 +16,12 @@ import logging
 import os
 import sys
 
-import torch
-
-from detector.checkpoint import (
-    CheckpointError,
-    atomic_torch_save,
-    load_checkpoint_file,
-)
+from detector.checkpoint import CheckpointError, atomic_torch_save
 from detector.checkpoint.torchvision_retinanet import (
     TorchvisionConversionError,
     check_against,
     convert_torchvision_retinanet_state_dict,
+    load_torchvision_state_dict,
     select_classes,
 )
 from detector.config import get_cfg
@@ -48,16 +43,6 @@ def build_parser():
     parser.add_argument("--coco-contiguous", action="store_true",
                         help="keep the 80 COCO categories in contiguous order (NUM_CLASSES 80)")
     return parser
-
-
-def load_torchvision_state_dict(path: str) -> dict:
-    """A plain state dict, or the "model" entry of a torchvision reference training checkpoint."""
-    obj = load_checkpoint_file(path)  # weights_only; one-line CheckpointError otherwise
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise TorchvisionConversionError(f"{path}: expected a state dict of tensors")
-    return obj
 
 
 def convert(args) -> dict:

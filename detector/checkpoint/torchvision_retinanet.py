@@ -24,10 +24,12 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
+from .checkpointer import load_checkpoint_file
 from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
 
 __all__ = ["convert_torchvision_retinanet_state_dict", "select_classes", "check_against",
-           "TorchvisionConversionError"]
+           "TorchvisionConversionError", "map_backbone_and_fpn_key", "rename_state_dict",
+           "load_torchvision_state_dict"]
 
 
 class TorchvisionConversionError(ConversionError):
@@ -38,11 +40,12 @@ _PARAM = r"(weight|bias|running_mean|running_var)"
 _BACKBONE_MODULE = r"(conv1|bn1|layer[1-4]\.\d+\.(?:conv[1-3]|bn[1-3]|downsample\.[01]))"
 
 
-def _map_key(key: str) -> Optional[str]:
-    """Our name for a torchvision key; "" for keys without counterpart by design; None if
-    unknown."""
+def map_backbone_and_fpn_key(key: str, first_level: int) -> Optional[str]:
+    """Our name for a key of torchvision's ``resnet_fpn_backbone`` (``backbone.body.*``,
+    ``backbone.fpn.inner_blocks|layer_blocks.*``) whose first FPN level is ``p<first_level>``;
+    "" for BatchNorm step counters (our FrozenBN has none); None for any other key."""
     m = re.fullmatch(r"backbone\.body\." + _BACKBONE_MODULE + r"\.num_batches_tracked", key)
-    if m:  # BatchNorm's step counter; our FrozenBN has none
+    if m:
         return ""
     m = re.fullmatch(r"backbone\.body\." + _BACKBONE_MODULE + r"\." + _PARAM, key)
     if m:
@@ -51,7 +54,16 @@ def _map_key(key: str) -> Optional[str]:
                      key)
     if m:
         block = "lateral_convs" if m.group(1) == "inner_blocks" else "output_convs"
-        return f"neck.{block}.p{3 + int(m.group(2))}.0.{m.group(3)}"
+        return f"neck.{block}.p{first_level + int(m.group(2))}.0.{m.group(3)}"
+    return None
+
+
+def _map_key(key: str) -> Optional[str]:
+    """Our name for a torchvision key; "" for keys without counterpart by design; None if
+    unknown."""
+    mapped = map_backbone_and_fpn_key(key, first_level=3)
+    if mapped is not None:
+        return mapped
     m = re.fullmatch(r"backbone\.fpn\.extra_blocks\.(p6|p7)\.(weight|bias)", key)
     if m:
         return f"neck.top_block.{m.group(1)}.{m.group(2)}"
@@ -88,12 +100,34 @@ def convert_torchvision_retinanet_state_dict(
         TorchvisionConversionError: one line listing unmapped, duplicate, missing or mismatched
             keys.
     """
+    converted = rename_state_dict(tv_state_dict, _map_key, "retinanet_resnet50_fpn v1")
+    if expected_state_dict is not None:
+        check_against(converted, expected_state_dict)
+    return converted
+
+
+def load_torchvision_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """A plain state dict, or the "model" entry of a torchvision reference training checkpoint,
+    read with ``weights_only`` (one-line CheckpointError for anything else)."""
+    obj = load_checkpoint_file(path)
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TorchvisionConversionError(f"{path}: expected a state dict of tensors")
+    return obj
+
+
+def rename_state_dict(tv_state_dict: Mapping[str, torch.Tensor], map_key, model_name: str
+                      ) -> Dict[str, torch.Tensor]:
+    """``tv_state_dict`` renamed by ``map_key`` (our key, "" to drop, None if unknown); a
+    ``module.`` prefix from DataParallel/DDP is stripped. One-line error for unknown keys or two
+    keys mapping to one."""
     if tv_state_dict and all(k.startswith("module.") for k in tv_state_dict):
         tv_state_dict = {k[len("module."):]: v for k, v in tv_state_dict.items()}
     converted: Dict[str, torch.Tensor] = {}
     unmapped, duplicates = [], []
     for key, value in tv_state_dict.items():
-        new_key = _map_key(key)
+        new_key = map_key(key)
         if new_key is None:
             unmapped.append(key)
         elif new_key == "":
@@ -104,14 +138,12 @@ def convert_torchvision_retinanet_state_dict(
             converted[new_key] = value
     if unmapped:
         raise TorchvisionConversionError(
-            f"{len(unmapped)} torchvision keys have no counterpart (expected a "
-            f"retinanet_resnet50_fpn v1 state dict): {short_list(unmapped, 12)}")
+            f"{len(unmapped)} torchvision keys have no counterpart (expected a {model_name} "
+            f"state dict): {short_list(unmapped, 12)}")
     if duplicates:
         raise TorchvisionConversionError(
             f"torchvision keys map to an already converted key (legacy and new layout mixed?): "
             f"{short_list(duplicates, 12)}")
-    if expected_state_dict is not None:
-        check_against(converted, expected_state_dict)
     return converted
 
 

@@ -314,7 +314,7 @@ _C.MODEL.ROI_MASK_HEAD.POOLER_TYPE = "ROIAlignV2"
 # Mask targets: "binary" (aligned RoIAlign of the gt masks, thresholded at 0.5, detectron2) or
 # "soft" (unaligned RoIAlign, fractional values kept, torchvision)
 _C.MODEL.ROI_MASK_HEAD.TARGET_TYPE = "binary"
-# Pasted mask probabilities at or above this are the object (the masks given to evaluation)
+# Pasted mask probabilities above this are the object (the masks given to evaluation)
 _C.MODEL.ROI_MASK_HEAD.PASTE_THRESHOLD = 0.5
 
 # ---------------------------------------------------------------------------

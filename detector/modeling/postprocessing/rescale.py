@@ -12,7 +12,7 @@ def rescale_detections(instances: Instances, output_height: int, output_width: i
                        mask_threshold: Optional[float] = 0.5) -> Instances:
     """Scale detections of a (resized) input image back to the original ``output_height`` x
     ``output_width`` and clip them there. Per-box ``pred_masks`` (R, 1, M, M) probabilities are
-    pasted into the whole image: (R, H, W) bool at ``mask_threshold`` (float if None)."""
+    pasted into the whole image: (R, H, W) bool above ``mask_threshold`` (float if None)."""
     in_h, in_w = instances.image_size
     scale_x, scale_y = output_width / in_w, output_height / in_h
     result = Instances((output_height, output_width))
