@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all install clean
+.PHONY: demo demo-mask test test-all install clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ test-all: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/train_net.py --config-file configs/demo/retinanet_tiny_shapes.yaml OUTPUT_DIR output/demo
+
+demo-mask: $(STAMP)
+	$(PY) tools/train_net.py --config-file configs/demo/mask_rcnn_tiny_shapes.yaml OUTPUT_DIR output/demo_mask
 
 clean:
 	rm -rf output

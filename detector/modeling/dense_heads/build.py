@@ -1,4 +1,4 @@
-"""Dense-head registry: the per-location heads of one-stage detectors (and, later, the RPN's).
+"""Dense-head registry: the per-location heads of one-stage detectors and of the RPN.
 
 DENSE_HEAD_REGISTRY maps a head name (``MODEL.RETINANET.HEAD_NAME``,
 ``MODEL.EFFICIENTDET.HEAD_NAME``) to an ``nn.Module`` class with a classmethod
