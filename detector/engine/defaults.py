@@ -232,6 +232,7 @@ class DefaultTrainer(TrainerBase):
             class_names=list(meta.thing_classes),
             output_dir=output_dir or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name),
             backend=cfg.TEST.COCO_EVAL_BACKEND,
+            iou_types=("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",),
         )
 
     @classmethod
