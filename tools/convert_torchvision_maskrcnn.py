@@ -13,20 +13,19 @@ contiguous ids of this project's COCO datasets (``NUM_CLASSES 80``). The convert
 checked against the model built from ``--config-file`` and written atomically as
 ``{"model": state_dict}``.
 """
-import argparse
 import logging
 import os
 import sys
 
-from detector.checkpoint import CheckpointError, atomic_torch_save
 from detector.checkpoint.torchvision_maskrcnn import (
     convert_torchvision_maskrcnn_state_dict,
     select_classes,
 )
 from detector.checkpoint.torchvision_retinanet import (
-    TorchvisionConversionError,
     check_against,
     load_torchvision_state_dict,
+    run_torchvision_converter,
+    torchvision_converter_parser,
 )
 from detector.config import get_cfg
 from detector.data.datasets import TORCHVISION_COCO80_INDICES
@@ -38,15 +37,7 @@ logger = logging.getLogger("convert_torchvision_maskrcnn")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="torchvision state dict (.pth)")
-    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
-    parser.add_argument("--config-file", default=DEFAULT_CONFIG,
-                        help="config whose model the weights must fit (default: %(default)s)")
-    parser.add_argument("--coco-contiguous", action="store_true",
-                        help="keep the 80 COCO categories in contiguous order (NUM_CLASSES 80)")
-    return parser
+    return torchvision_converter_parser(__doc__, DEFAULT_CONFIG)
 
 
 def convert(args) -> dict:
@@ -70,16 +61,7 @@ def convert(args) -> dict:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    args = build_parser().parse_args(argv)
-    try:
-        converted = convert(args)
-    except (TorchvisionConversionError, CheckpointError, OSError) as e:
-        message = str(e) if isinstance(e, CheckpointError) else f"{args.input}: {e}"
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    atomic_torch_save({"model": converted}, args.output)
-    logger.info("Wrote %d tensors to %s", len(converted), args.output)
-    return 0
+    return run_torchvision_converter(convert, build_parser().parse_args(argv), logger)
 
 
 if __name__ == "__main__":

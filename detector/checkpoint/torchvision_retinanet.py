@@ -24,12 +24,13 @@ from typing import Dict, Mapping, Optional
 
 import torch
 
-from .checkpointer import load_checkpoint_file
+from .checkpointer import CheckpointError, atomic_torch_save, load_checkpoint_file
 from .conversion import ConversionError, select_classifier_outputs, short_list, state_dict_problems
 
 __all__ = ["convert_torchvision_retinanet_state_dict", "select_classes", "check_against",
            "TorchvisionConversionError", "map_backbone_and_fpn_key", "rename_state_dict",
-           "load_torchvision_state_dict"]
+           "load_torchvision_state_dict", "torchvision_converter_parser",
+           "run_torchvision_converter"]
 
 
 class TorchvisionConversionError(ConversionError):
@@ -115,6 +116,38 @@ def load_torchvision_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise TorchvisionConversionError(f"{path}: expected a state dict of tensors")
     return obj
+
+
+def torchvision_converter_parser(description: str, default_config: str):
+    """The command line of the torchvision converter tools: --input, --output, --config-file,
+    --coco-contiguous."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="torchvision state dict (.pth)")
+    parser.add_argument("--output", required=True, help="converted checkpoint to write (.pth)")
+    parser.add_argument("--config-file", default=default_config,
+                        help="config whose model the weights must fit (default: %(default)s)")
+    parser.add_argument("--coco-contiguous", action="store_true",
+                        help="keep the 80 COCO categories in contiguous order (NUM_CLASSES 80)")
+    return parser
+
+
+def run_torchvision_converter(convert, args, logger) -> int:
+    """A converter tool's main: ``convert(args)`` -> state dict, written atomically to
+    ``args.output`` as ``{"model": ...}``; 0, or 1 after a one-line error on stderr."""
+    import sys
+
+    try:
+        converted = convert(args)
+    except (TorchvisionConversionError, CheckpointError, OSError) as e:
+        message = str(e) if isinstance(e, CheckpointError) else f"{args.input}: {e}"
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    atomic_torch_save({"model": converted}, args.output)
+    logger.info("Wrote %d tensors to %s", len(converted), args.output)
+    return 0
 
 
 def rename_state_dict(tv_state_dict: Mapping[str, torch.Tensor], map_key, model_name: str
