@@ -3,7 +3,9 @@ from typing import Sequence, Tuple
 
 import torch
 
-__all__ = ["Matcher"]
+from detector.structures import pairwise_ioa
+
+__all__ = ["Matcher", "split_crowd", "ignore_background_in_crowd"]
 
 
 class Matcher:
@@ -58,3 +60,24 @@ class Matcher:
             _, anchor_idxs = best.nonzero(as_tuple=True)
             match_labels[anchor_idxs] = 1
         return matches, match_labels
+
+
+def split_crowd(instances):
+    """(the non-crowd instances, the crowd boxes or None): crowd regions (``gt_is_crowd``) take
+    no part in the matching, so they never take anchors from real objects."""
+    if not instances.has("gt_is_crowd"):
+        return instances, None
+    is_crowd = instances.gt_is_crowd.to(torch.bool)
+    return instances[~is_crowd], instances.gt_boxes[is_crowd]
+
+
+def ignore_background_in_crowd(labels: torch.Tensor, anchor_boxes, crowd_boxes,
+                               background_label: int, fraction: float) -> torch.Tensor:
+    """``labels`` (R,) with every background anchor that a crowd region covers by at least
+    ``fraction`` of its area set to -1 (ignored), in place; unchanged without crowd boxes or with
+    ``fraction`` above 1."""
+    if crowd_boxes is None or len(crowd_boxes) == 0 or fraction > 1:
+        return labels
+    covered = pairwise_ioa(anchor_boxes, crowd_boxes.to(labels.device)).max(dim=1).values
+    labels[(labels == background_label) & (covered >= fraction)] = -1
+    return labels

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from detector.layers import ShapeSpec
-from detector.structures import Boxes, Instances, pairwise_ioa, pairwise_iou
+from detector.structures import Boxes, Instances, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
 from ..box_coder import BoxCoder
-from ..matcher import Matcher
+from ..matcher import Matcher, ignore_background_in_crowd, split_crowd
 from .base import DetectorBase
 
 __all__ = ["DenseDetector"]
@@ -110,11 +110,7 @@ class DenseDetector(DetectorBase):
         gt_labels, matched_gt_boxes = [], []
         anchor_boxes = Boxes(anchors)
         for inst in gt_instances:
-            crowd_boxes = None
-            if inst.has("gt_is_crowd"):
-                is_crowd = inst.gt_is_crowd.to(torch.bool)
-                crowd_boxes = inst.gt_boxes[is_crowd]
-                inst = inst[~is_crowd]
+            inst, crowd_boxes = split_crowd(inst)
             iou = pairwise_iou(inst.gt_boxes, anchor_boxes)
             matched_idxs, match_labels = self.anchor_matcher(iou)
             if len(inst) > 0:
@@ -125,10 +121,8 @@ class DenseDetector(DetectorBase):
                 boxes = torch.zeros_like(anchors)
             labels[match_labels == 0] = self.num_classes
             labels[match_labels == -1] = -1
-            if crowd_boxes is not None and len(crowd_boxes) and self.crowd_ignore_fraction <= 1:
-                covered = pairwise_ioa(anchor_boxes, crowd_boxes).max(dim=1).values
-                labels[(labels == self.num_classes)
-                       & (covered >= self.crowd_ignore_fraction)] = -1
+            ignore_background_in_crowd(labels, anchor_boxes, crowd_boxes, self.num_classes,
+                                       self.crowd_ignore_fraction)
             gt_labels.append(labels)
             matched_gt_boxes.append(boxes)
         return torch.stack(gt_labels), torch.stack(matched_gt_boxes)

@@ -17,14 +17,14 @@ from torch import nn
 from torchvision.ops import batched_nms
 
 from detector.layers import ShapeSpec
-from detector.structures import Boxes, Instances, pairwise_ioa, pairwise_iou
+from detector.structures import Boxes, Instances, pairwise_iou
 from detector.utils import comm
 
 from ..anchor_generator import AnchorGenerator
 from ..box_coder import BoxCoder
 from ..dense_heads import build_dense_head, permute_to_N_HWA_K
 from ..losses import check_rpn_loss_options, rpn_loss_count, rpn_losses
-from ..matcher import Matcher
+from ..matcher import Matcher, ignore_background_in_crowd, split_crowd
 from ..sampling import subsample_labels
 from .build import PROPOSAL_GENERATOR_REGISTRY
 
@@ -230,18 +230,12 @@ class RPN(nn.Module):
         anchor_boxes = Boxes(anchors)
         gt_labels, matched_gt_boxes = [], []
         for inst in gt_instances:
-            crowd_boxes = None
-            if inst.has("gt_is_crowd"):
-                is_crowd = inst.gt_is_crowd.to(torch.bool)
-                crowd_boxes = inst.gt_boxes[is_crowd]
-                inst = inst[~is_crowd]
+            inst, crowd_boxes = split_crowd(inst)
             gt_boxes = inst.gt_boxes.to(anchors.device)
             matched_idxs, match_labels = self.anchor_matcher(pairwise_iou(gt_boxes, anchor_boxes))
             labels = match_labels.to(torch.int64)
-            if crowd_boxes is not None and len(crowd_boxes) and self.crowd_ignore_fraction <= 1:
-                covered = pairwise_ioa(anchor_boxes, crowd_boxes.to(anchors.device))
-                covered = covered.max(dim=1).values
-                labels[(labels == 0) & (covered >= self.crowd_ignore_fraction)] = -1
+            ignore_background_in_crowd(labels, anchor_boxes, crowd_boxes, 0,
+                                       self.crowd_ignore_fraction)
             positive, negative = subsample_labels(labels, self.batch_size_per_image,
                                                   self.positive_fraction, 0, generator)
             sampled = torch.full_like(labels, -1)
