@@ -207,3 +207,46 @@ def test_ground_truth_is_parsed_once_while_unchanged(tiny_gt_json, monkeypatch):
     evaluator = COCOEvaluator(gt_json=tiny_gt_json, contiguous_id_to_dataset_id=ID_MAP)
     run(evaluator, {99: {}, **outputs})
     assert parsed == [tiny_gt_json, tiny_gt_json]
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_reference_results_through_the_evaluator(reference_dir, backend):
+    """The cocoapi reference detections, turned into Instances (masks decoded to full-image
+    bitmasks, as the model's pasted masks are), give the published scores through process()."""
+    from pycocotools import mask as mask_util
+
+    gt_json = os.path.join(reference_dir, "instances_val2014_100.json")
+    with open(gt_json) as f:
+        gt = json.load(f)
+    category_ids = sorted(c["id"] for c in gt["categories"])
+    contiguous = {cat: k for k, cat in enumerate(category_ids)}
+    with open(os.path.join(reference_dir, "instances_val2014_fakesegm100_results.json")) as f:
+        records = json.load(f)
+    with open(os.path.join(reference_dir, "expected_stats.json")) as f:
+        expected = json.load(f)["segm"]
+    by_image = {image["id"]: [] for image in gt["images"]}  # one image has no detection
+    for record in records:
+        by_image.setdefault(record["image_id"], []).append(record)
+    evaluator = COCOEvaluator(gt_json=gt_json, backend=backend, iou_types=("segm",),
+                              contiguous_id_to_dataset_id={k: c for c, k in contiguous.items()})
+    evaluator.reset()
+    for image_id, image_records in by_image.items():
+        if not image_records:
+            evaluator.process([{"image_id": image_id}], [{}])
+            continue
+        rles = [r["segmentation"] for r in image_records]
+        masks = torch.from_numpy(mask_util.decode(rles)).permute(2, 0, 1).bool()
+        boxes_xywh = torch.tensor(mask_util.toBbox(rles), dtype=torch.float64)
+        boxes = torch.cat([boxes_xywh[:, :2], boxes_xywh[:, :2] + boxes_xywh[:, 2:]], dim=1)
+        instances = Instances(tuple(masks.shape[1:]), pred_boxes=Boxes(boxes.float()),
+                              scores=torch.tensor([r["score"] for r in image_records]),
+                              pred_classes=torch.tensor(
+                                  [contiguous[r["category_id"]] for r in image_records]),
+                              pred_masks=masks)
+        evaluator.process([{"image_id": image_id}], [{"instances": instances}])
+    results = evaluator.evaluate()["segm"]
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm",
+             "ARl"]
+    assert len(records) == 734 and len(by_image) == 100
+    for name, want in zip(names, expected):
+        assert abs(results[name] / 100 - want) <= 1e-6, (name, results[name], want)
