@@ -257,6 +257,8 @@ _C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 512
 _C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
 # Add the ground-truth boxes to the proposals in training
 _C.MODEL.ROI_HEADS.PROPOSAL_APPEND_GT = True
+# Under data parallelism sum the box and mask loss divisors over the W processes, divided by W
+_C.MODEL.ROI_HEADS.LOSS_NORMALIZER_ALL_RANKS = True
 # Test-time (proposal, class) candidates scoring at or below this are dropped
 _C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.05
 # IoU threshold of the per-class NMS at test time

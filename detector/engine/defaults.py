@@ -62,6 +62,10 @@ class DefaultTrainer(TrainerBase):
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"ema": self.ema} if self.ema is not None else {}
+        # a model's training-time random sampling (GeneralizedRCNN) resumes where it stopped
+        sampling_rng = getattr(comm.unwrap_model(model), "sampling_rng", None)
+        if sampling_rng is not None:
+            extra["sampling_rng"] = sampling_rng
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, optimizer=optimizer, scheduler=self.scheduler,
             trainer=self._trainer, **extra,

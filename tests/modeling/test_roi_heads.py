@@ -20,6 +20,7 @@ from detector.layers import ShapeSpec
 from detector.modeling import ROIPooler, build_roi_heads
 from detector.modeling.roi_heads import assign_boxes_to_levels
 from detector.structures import BitMasks, Boxes, Instances, PolygonMasks
+from detector.utils import comm
 
 CHANNELS, NUM_CLASSES, FC_DIM = 64, 3, 128
 IMAGE_SIZE = (128, 192)  # (h, w)
@@ -327,3 +328,42 @@ def test_bad_iou_thresholds_name_the_key():
     with pytest.raises(ValueError, match="MODEL.ROI_HEADS.IOU_THRESHOLDS"):
         build_roi_heads(_cfg(**{"MODEL.ROI_HEADS.IOU_THRESHOLDS": "[0.5, 0.4]",
                                 "MODEL.ROI_HEADS.IOU_LABELS": "[0, -1, 1]"}), _input_shapes())
+
+
+def _losses_and_grads(heads, image_idxs, features, proposals, gts):
+    heads.zero_grad(set_to_none=True)
+    losses = heads([IMAGE_SIZE] * len(image_idxs), {k: v[image_idxs] for k, v in features.items()},
+                   [proposals[i] for i in image_idxs], [gts[i] for i in image_idxs])[1]
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in heads.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("all_ranks", [True, False])
+def test_normalizers_summed_over_ranks_give_the_whole_batch_step(monkeypatch, all_ranks):
+    """Two simulated ranks of two images each: with the divisors summed over ranks, the mean
+    of their losses and gradients (what DDP averages) is the four-image batch's."""
+    heads = _ours(_cfg(**{"MODEL.ROI_HEADS.LOSS_NORMALIZER_ALL_RANKS": str(all_ranks)})).train()
+    features, proposals, gts = _inputs(seed=2, num_images=4)
+    proposals[0] = proposals[0][:20]  # the ranks sample unequal numbers of proposals
+    whole, whole_grads = _losses_and_grads(heads, [0, 1, 2, 3], features, proposals, gts)
+    with torch.no_grad():
+        samples = [heads.label_and_sample_proposals(p.proposal_boxes.tensor, g)
+                   for p, g in zip(proposals, gts)]
+        counts = torch.stack(heads.loss_normalizers(samples))
+    halves = [[0, 1], [2, 3]]
+    local = [torch.stack(heads.loss_normalizers([samples[i] for i in h])) for h in halves]
+    assert not torch.equal(local[0], local[1]), "unequal shards make the check meaningful"
+
+    monkeypatch.setattr(comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(comm, "all_reduce_sum", lambda t: counts.to(t.dtype).clone())
+    ranks = [_losses_and_grads(heads, h, features, proposals, gts) for h in halves]
+    grads_match = all(torch.allclose((ranks[0][1][n] + ranks[1][1][n]) / 2, g, rtol=1e-4,
+                                     atol=1e-7) for n, g in whole_grads.items())
+    if all_ranks:
+        for key, value in whole.items():
+            torch.testing.assert_close((ranks[0][0][key] + ranks[1][0][key]) / 2, value,
+                                       rtol=1e-5, atol=0)
+        assert grads_match
+    else:
+        assert not grads_match  # each rank dividing by its own counts is another step

@@ -6,7 +6,7 @@ detectron2; box deltas are (R, 4 K) with class c at columns 4c..4c+3, or (R, 4) 
 torchvision puts background at index 0 and predicts 4 (K + 1) deltas; its weights convert by
 moving row 0 of ``cls_score`` to the end and dropping the first 4 rows of ``bbox_pred``.
 """
-from typing import Dict
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +30,12 @@ def fast_rcnn_losses(pred_class_logits: torch.Tensor, pred_proposal_deltas: torc
                      proposal_boxes: torch.Tensor, gt_classes: torch.Tensor,
                      gt_boxes: torch.Tensor, *, box_coder: BoxCoder,
                      loss_type: str = "smooth_l1", smooth_l1_beta: float = 0.0,
-                     box_loss_weight: float = 1.0) -> Dict[str, torch.Tensor]:
-    """``loss_cls`` (mean cross-entropy over the sampled proposals) and ``loss_box_reg`` (box
-    loss summed over the foreground proposals, divided by the number of sampled proposals, as
-    detectron2 and torchvision do).
+                     box_loss_weight: float = 1.0,
+                     normalizer: Optional[Union[float, torch.Tensor]] = None
+                     ) -> Dict[str, torch.Tensor]:
+    """``loss_cls`` (cross-entropy summed over the sampled proposals) and ``loss_box_reg`` (box
+    loss summed over the foreground proposals), both divided by the number of sampled proposals
+    (``normalizer``), as detectron2 and torchvision do: ``loss_cls`` is then their mean.
 
     Args:
         pred_class_logits: (R, K + 1), background at index K.
@@ -43,6 +45,9 @@ def fast_rcnn_losses(pred_class_logits: torch.Tensor, pred_proposal_deltas: torc
         gt_boxes: (R, 4) XYXY matched ground truth (ignored for background rows).
         loss_type: "smooth_l1" on encoded deltas (beta 0 = L1; torchvision: beta 1/9) or "giou"
             on decoded boxes.
+        normalizer: divisor of both sums; None: this batch's sampled proposals. Under data
+            parallelism the sampled proposals of all W processes divided by W, so that DDP's
+            averaged gradient is that of the whole batch.
     """
     num_classes = pred_class_logits.shape[1] - 1
     num_sampled = gt_classes.numel()
@@ -50,10 +55,15 @@ def fast_rcnn_losses(pred_class_logits: torch.Tensor, pred_proposal_deltas: torc
         # keeps every parameter in the graph so data-parallel gradient reduction still runs
         zero = pred_class_logits.sum() * 0.0 + pred_proposal_deltas.sum() * 0.0
         return {"loss_cls": zero, "loss_box_reg": zero.clone()}
-    loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="mean")
+    if normalizer is None:
+        normalizer = float(num_sampled)
+    # the mean rescaled, rather than the sum divided: bitwise the mean when normalizer equals
+    # the local count (one process), as torchvision computes it
+    loss_cls = F.cross_entropy(pred_class_logits, gt_classes, reduction="mean") * (
+        num_sampled / normalizer)
     foreground = torch.nonzero((gt_classes >= 0) & (gt_classes < num_classes)).squeeze(1)
     fg_deltas = select_class_deltas(pred_proposal_deltas[foreground], gt_classes[foreground])
     loss_box_reg = box_regression_loss_sum(
         loss_type, fg_deltas, proposal_boxes[foreground], gt_boxes[foreground],
         box_coder=box_coder, smooth_l1_beta=smooth_l1_beta)
-    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg * box_loss_weight / num_sampled}
+    return {"loss_cls": loss_cls, "loss_box_reg": loss_box_reg * box_loss_weight / normalizer}

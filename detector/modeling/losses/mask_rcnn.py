@@ -5,7 +5,7 @@ full-image masks, one batched op for all proposals. Two conventions:
 - "binary" (detectron2): half-pixel aligned RoIAlign, then thresholded at 0.5;
 - "soft" (torchvision): unaligned RoIAlign, the fractional coverage kept as the target.
 """
-from typing import Dict
+from typing import Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,15 +43,20 @@ def mask_rcnn_targets(gt_masks: torch.Tensor, gt_idxs: torch.Tensor, boxes: torc
 
 
 def mask_rcnn_loss(pred_mask_logits: torch.Tensor, gt_classes: torch.Tensor,
-                   mask_targets: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel binary cross-entropy between the ground-truth class's mask logits and the
-    targets.
+                   mask_targets: torch.Tensor, *,
+                   normalizer: Optional[Union[float, torch.Tensor]] = None) -> torch.Tensor:
+    """Per-pixel binary cross-entropy between the ground-truth class's mask logits and the
+    targets, summed and divided by M x M x ``normalizer`` positive proposals: the mean per pixel
+    when ``normalizer`` is this batch's R.
 
     Args:
         pred_mask_logits: (R, K, M, M) per-class, or (R, 1, M, M) class-agnostic, logits of the
             positive proposals.
         gt_classes: (R,) int64 foreground class of each proposal's ground truth.
         mask_targets: (R, M, M) in [0, 1] (see :func:`mask_rcnn_targets`).
+        normalizer: positive proposals the sum is divided by (None: R). Under data parallelism
+            those of all W processes divided by W, so that DDP's averaged gradient is that of the
+            whole batch.
     """
     if mask_targets.numel() == 0:
         # keeps every parameter in the graph so data-parallel gradient reduction still runs
@@ -61,5 +66,9 @@ def mask_rcnn_loss(pred_mask_logits: torch.Tensor, gt_classes: torch.Tensor,
     else:
         rows = torch.arange(pred_mask_logits.shape[0], device=pred_mask_logits.device)
         logits = pred_mask_logits[rows, gt_classes]
-    return F.binary_cross_entropy_with_logits(logits, mask_targets.to(logits.dtype),
+    loss = F.binary_cross_entropy_with_logits(logits, mask_targets.to(logits.dtype),
                                               reduction="mean")
+    if normalizer is None:
+        return loss
+    # the mean rescaled: bitwise the mean when normalizer equals the local R (one process)
+    return loss * (mask_targets.shape[0] / normalizer)

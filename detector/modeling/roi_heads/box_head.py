@@ -178,13 +178,14 @@ class FastRCNNOutputLayers(nn.Module):
 
     def losses(self, class_logits: torch.Tensor, proposal_deltas: torch.Tensor,
                proposal_boxes: torch.Tensor, gt_classes: torch.Tensor,
-               gt_boxes: torch.Tensor) -> Dict[str, torch.Tensor]:
+               gt_boxes: torch.Tensor, normalizer=None) -> Dict[str, torch.Tensor]:
         """``loss_cls`` and ``loss_box_reg`` of the sampled proposals of the whole batch
-        (concatenated; ``gt_classes`` K = background)."""
+        (concatenated; ``gt_classes`` K = background); ``normalizer``: see
+        :func:`detector.modeling.losses.fast_rcnn_losses`."""
         return fast_rcnn_losses(class_logits, proposal_deltas, proposal_boxes, gt_classes,
                                 gt_boxes, box_coder=self.box_coder, loss_type=self.loss_type,
                                 smooth_l1_beta=self.smooth_l1_beta,
-                                box_loss_weight=self.box_loss_weight)
+                                box_loss_weight=self.box_loss_weight, normalizer=normalizer)
 
     def inference(self, class_logits: torch.Tensor, proposal_deltas: torch.Tensor,
                   proposal_boxes: List[torch.Tensor], image_sizes: List[Tuple[int, int]]

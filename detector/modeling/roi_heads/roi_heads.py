@@ -7,6 +7,7 @@ from torch import nn
 
 from detector.layers import ShapeSpec
 from detector.structures import Boxes, Instances, pairwise_iou
+from detector.utils import comm
 
 from ..losses.mask_rcnn import MASK_TARGET_TYPES, mask_rcnn_loss, mask_rcnn_targets
 from ..matcher import Matcher
@@ -63,6 +64,9 @@ class StandardROIHeads(nn.Module):
             strides.
         mask_pooler, mask_head: both None for a box-only (Faster R-CNN) head.
         mask_target_type: "binary" or "soft" (see :mod:`detector.modeling.losses.mask_rcnn`).
+        loss_normalizer_all_ranks: under data parallelism divide the box losses by the sampled
+            proposals and the mask loss by the positive ones of all W processes (over W), so the
+            step does not depend on how the batch is split; with one process the same losses.
     """
 
     def __init__(self, *, num_classes: int, in_features: Sequence[str], box_pooler: ROIPooler,
@@ -70,7 +74,7 @@ class StandardROIHeads(nn.Module):
                  proposal_matcher: Matcher, batch_size_per_image: int = 512,
                  positive_fraction: float = 0.25, proposal_append_gt: bool = True,
                  mask_pooler: Optional[ROIPooler] = None, mask_head: Optional[nn.Module] = None,
-                 mask_target_type: str = "binary"):
+                 mask_target_type: str = "binary", loss_normalizer_all_ranks: bool = True):
         super().__init__()
         if (mask_pooler is None) != (mask_head is None):
             raise ValueError("StandardROIHeads needs both mask_pooler and mask_head, or neither")
@@ -90,6 +94,7 @@ class StandardROIHeads(nn.Module):
         self.mask_on = mask_head is not None
         self.mask_pooler, self.mask_head = mask_pooler, mask_head
         self.mask_target_type = mask_target_type
+        self.loss_normalizer_all_ranks = bool(loss_normalizer_all_ranks)
 
     @classmethod
     def from_config(cls, cfg, input_shapes: Dict[str, ShapeSpec]) -> dict:
@@ -125,6 +130,7 @@ class StandardROIHeads(nn.Module):
             "batch_size_per_image": r.BATCH_SIZE_PER_IMAGE,
             "positive_fraction": r.POSITIVE_FRACTION,
             "proposal_append_gt": r.PROPOSAL_APPEND_GT,
+            "loss_normalizer_all_ranks": r.LOSS_NORMALIZER_ALL_RANKS,
         }
         if cfg.MODEL.MASK_ON:
             kwargs["mask_pooler"] = _pooler_from_config(cfg.MODEL.ROI_MASK_HEAD,
@@ -161,14 +167,36 @@ class StandardROIHeads(nn.Module):
         gt_instances = [g[~g.gt_is_crowd] if g.has("gt_is_crowd") else g for g in gt_instances]
         samples = [self.label_and_sample_proposals(boxes, gt, generator)
                    for boxes, gt in zip(proposal_boxes, gt_instances)]
+        # before any branch that depends on the samples: a collective every rank must reach
+        num_sampled, num_foreground = self.loss_normalizers(samples)
         box_features = self.box_head(self.box_pooler(feature_list, [s.boxes for s in samples]))
         class_logits, proposal_deltas = self.box_predictor(box_features)
         losses = self.box_predictor.losses(
             class_logits, proposal_deltas, torch.cat([s.boxes for s in samples]),
-            torch.cat([s.gt_classes for s in samples]), torch.cat([s.gt_boxes for s in samples]))
+            torch.cat([s.gt_classes for s in samples]), torch.cat([s.gt_boxes for s in samples]),
+            normalizer=num_sampled)
         if self.mask_on:
-            losses["loss_mask"] = self._mask_loss(feature_list, samples, gt_instances)
+            losses["loss_mask"] = self._mask_loss(feature_list, samples, gt_instances,
+                                                  num_foreground)
         return [], losses
+
+    @torch.no_grad()
+    def loss_normalizers(self, samples: List[SampledProposals]
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Divisors of the box losses (sampled proposals) and of the mask loss (positive
+        proposals) as float tensors, each at least 1. With ``loss_normalizer_all_ranks`` under
+        W processes: the counts summed over the processes (one all-reduce) divided by W, so
+        that DDP's averaged gradients are those of the whole batch on one process."""
+        classes = torch.cat([s.gt_classes for s in samples])
+        foreground = (classes >= 0) & (classes < self.num_classes)
+        counts = torch.stack([(classes >= 0).sum(), foreground.sum()])
+        counts = counts.to(torch.float32)
+        world_size = comm.get_world_size()
+        if self.loss_normalizer_all_ranks and world_size > 1:
+            counts = comm.all_reduce_sum(counts).clamp(min=1.0) / world_size
+        else:
+            counts = counts.clamp(min=1.0)
+        return counts[0], counts[1]
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposal_boxes: torch.Tensor, gt: Instances,
@@ -211,7 +239,7 @@ class StandardROIHeads(nn.Module):
         mask_rcnn_inference(mask_logits, detections)
 
     def _mask_loss(self, feature_list: List[torch.Tensor], samples: List[SampledProposals],
-                   gt_instances: List[Instances]) -> torch.Tensor:
+                   gt_instances: List[Instances], normalizer: torch.Tensor) -> torch.Tensor:
         foreground = [(s.gt_classes >= 0) & (s.gt_classes < self.num_classes) for s in samples]
         fg_boxes = [s.boxes[fg] for s, fg in zip(samples, foreground)]
         mask_logits = self.mask_head(self.mask_pooler(feature_list, fg_boxes))
@@ -228,4 +256,5 @@ class StandardROIHeads(nn.Module):
         gt_classes = torch.cat([s.gt_classes[fg] for s, fg in zip(samples, foreground)])
         if not targets:
             return mask_rcnn_loss(mask_logits, gt_classes, mask_logits.new_zeros((0,)))
-        return mask_rcnn_loss(mask_logits, gt_classes, torch.cat(targets))
+        return mask_rcnn_loss(mask_logits, gt_classes, torch.cat(targets),
+                              normalizer=normalizer)
