@@ -1,16 +1,19 @@
 #!/usr/bin/env python
 """Our detectors against the reference implementations, side by side in one process, same weights,
-same input: RetinaNet R-50-FPN against torchvision's ``retinanet_resnet50_fpn`` and
-EfficientDet-D<k> against effdet's ``tf_efficientdet_d<k>``.
+same input: RetinaNet R-50-FPN against torchvision's ``retinanet_resnet50_fpn``, Mask R-CNN
+R-50-FPN against torchvision's ``maskrcnn_resnet50_fpn`` and EfficientDet-D<k> against effdet's
+``tf_efficientdet_d<k>``.
 
-    python tools/benchmark.py                                  # both, at 512 px
+    python tools/benchmark.py                                  # all three, at 512 px
+    python tools/benchmark.py --model maskrcnn retinanet --threads 2 --json out.json
     python tools/benchmark.py --model retinanet --size 256 --iters 5 --threads 2 --json out.json
     python tools/benchmark.py --model efficientdet --variant 1 --size 640
 
 Reports inference ms/img (batch --infer-batch) and training img/s (batch --train-batch) for both
 implementations and the ratio (>1 means we are faster), then a summary of the ratios. Outputs are
-compared first: a speedup that changes results is a bug. tools/benchmark_effdet.py has the
-EfficientDet-only options (--profile, --effdet-loader-labels, config overrides).
+compared first: a speedup that changes results is a bug. tools/benchmark_effdet.py and
+tools/benchmark_maskrcnn.py have the model-only options (--profile, config overrides);
+benchmark_maskrcnn.py says how both Mask R-CNNs are made to keep 100 detections per image.
 """
 import argparse
 import os
@@ -26,7 +29,7 @@ from detector.structures import Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TV_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")
-MODELS = ("retinanet", "efficientdet")
+MODELS = ("retinanet", "maskrcnn", "efficientdet")
 
 
 def build_pair(size, num_classes=91, seed=0):
@@ -125,8 +128,10 @@ def run_retinanet(args) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=MODELS + ("all",), default="all")
-    parser.add_argument("--size", type=int, default=512, help="square input size (multiple of 128)")
+    parser.add_argument("--model", nargs="+", choices=MODELS + ("all",), default=["all"],
+                        help="one or more models, or all")
+    parser.add_argument("--size", type=int, default=512,
+                        help="square input size (multiple of 128 with EfficientDet, else of 32)")
     parser.add_argument("--variant", type=int, default=0, help="EfficientDet-D<variant> (0..7)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -135,28 +140,41 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--json", default="", help="write the figures to this file")
     args = parser.parse_args(argv)
-    if args.size % 128:
+    models = MODELS if "all" in args.model else args.model
+    if args.size % 128 and "efficientdet" in models:
         parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
+    if args.size % 32:
+        parser.error("--size must be a multiple of 32")
     if args.threads:
         torch.set_num_threads(args.threads)
 
     results = {}
-    if args.model in ("retinanet", "all"):
+    if "retinanet" in models:
         results["RetinaNet R-50-FPN"] = run_retinanet(args)
-    if args.model in ("efficientdet", "all"):
+    if "maskrcnn" in models:
+        from benchmark_maskrcnn import run_maskrcnn
+
+        results["Mask R-CNN R-50-FPN"] = run_maskrcnn(args)
+    if "efficientdet" in models:
         from benchmark_effdet import run_efficientdet
 
         results[f"EfficientDet-D{args.variant}"] = run_efficientdet(args)
     print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.size}")
-    print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}")
+    print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}"
+          f"{'max box diff':>14}{'min mask IoU':>14}")
     for name, res in results.items():
-        rows = res["rows"]
+        rows, outputs = res["rows"], res.get("outputs", {})
+        box_diff, mask_iou = (f"{outputs[k]:{f}}" if k in outputs else "-"
+                              for k, f in (("max_box_diff", ".1e"), ("min_mask_iou", ".4f")))
         print(f"{name:<22}{res['reference']:>13}{rows['inference_ms_per_img'][2]:>11.2f}"
-              f"{rows['train_img_per_s'][2]:>9.2f}{res['max_score_diff']:>16.1e}")
+              f"{rows['train_img_per_s'][2]:>9.2f}{res['max_score_diff']:>16.1e}{box_diff:>14}"
+              f"{mask_iou:>14}")
     if args.json:
         write_json(args.json, {
             name: {**{k: dict(zip((res["reference"], "detector", "ratio"), v))
-                      for k, v in res["rows"].items()}, "max_score_diff": res["max_score_diff"]}
+                      for k, v in res["rows"].items()}, "max_score_diff": res["max_score_diff"],
+               # Mask R-CNN: detection counts, box differences and mask IoU too
+               **res.get("outputs", {})}
             for name, res in results.items()})
     return results
 

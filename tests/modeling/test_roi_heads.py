@@ -18,7 +18,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from detector.config import get_cfg
 from detector.layers import ShapeSpec
 from detector.modeling import ROIPooler, build_roi_heads
-from detector.modeling.roi_heads import assign_boxes_to_levels
+from detector.modeling.roi_heads import MaskRCNNConvUpsampleHead, assign_boxes_to_levels
 from detector.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detector.utils import comm
 
@@ -367,3 +367,30 @@ def test_normalizers_summed_over_ranks_give_the_whole_batch_step(monkeypatch, al
         assert grads_match
     else:
         assert not grads_match  # each rank dividing by its own counts is another step
+
+
+def test_mask_head_channels_last_gives_the_contiguous_results():
+    """The mask head runs channels-last internally; outputs and gradients equal the same
+    layers applied to contiguous tensors."""
+    torch.manual_seed(0)
+    head = MaskRCNNConvUpsampleHead(in_channels=8, num_classes=3, conv_dims=[8, 8, 8])
+    x = torch.randn(5, 8, 7, 7, requires_grad=True)
+    out = head(x)
+    assert out.shape == (5, 3, 14, 14) and out.is_contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(out.shape)
+    (out * weight).sum().backward()
+    grads = [p.grad.clone() for p in head.parameters()]
+    x_grad = x.grad.clone()
+
+    head.zero_grad()
+    x.grad = None
+    y = x
+    for i in range(1, head.num_convs + 1):
+        y = getattr(head, f"mask_fcn{i}")(y.contiguous())
+    y = head.predictor(torch.relu(head.deconv(y.contiguous())).contiguous())
+    assert y.is_contiguous()
+    (y * weight).sum().backward()
+    torch.testing.assert_close(out, y, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_grad, rtol=1e-5, atol=1e-6)
+    for p, g in zip(head.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-5)

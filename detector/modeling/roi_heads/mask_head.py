@@ -66,6 +66,11 @@ class MaskRCNNConvUpsampleHead(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, K or 1, 2S, 2S) mask logits (channels-last strides) of (R, C, S, S) features."""
+        # oneDNN's channels-last kernels run these many-RoI 3x3 convs and above all the
+        # transposed conv markedly faster on CPU; the head has no strided 1x1 conv, whose
+        # channels-last weight gradient torch's CPU kernels get wrong
+        x = x.contiguous(memory_format=torch.channels_last)
         for i in range(1, self.num_convs + 1):
             x = getattr(self, f"mask_fcn{i}")(x)
         x = torch.relu(self.deconv(x))
