@@ -77,6 +77,8 @@ _C.MODEL.RESNETS.STRIDE_IN_1X1 = False
 _C.MODEL.TINYNET = CN()
 # Output channels of the five stride-2 stages c1..c5 of the light demo backbone
 _C.MODEL.TINYNET.CHANNELS = [16, 32, 64, 96, 128]
+# Stage kind: "basic" (ResNet BasicBlock, stage 1 one conv) or "plain" (two conv-norm-ReLU each)
+_C.MODEL.TINYNET.BLOCK = "basic"
 
 _C.MODEL.EFFICIENTNET = CN()
 # EfficientNet size "b0".."b7" (backbone "EfficientNet"); "" = set by EfficientDet from its

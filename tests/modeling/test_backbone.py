@@ -88,3 +88,23 @@ def test_tinynet_freeze_and_registry():
     assert isinstance(backbone.stages[1].bn1, FrozenBatchNorm2d)
     with pytest.raises(KeyError, match="MODEL.BACKBONE.NAME='VGG'"):
         build_backbone(tiny_cfg(**{"MODEL.BACKBONE.NAME": "VGG"}))
+
+
+def test_tinynet_plain_stages():
+    backbone = build_backbone(tiny_cfg(**{
+        "MODEL.TINYNET.CHANNELS": "[16, 32, 64, 96, 128]", "MODEL.TINYNET.BLOCK": "plain",
+        "MODEL.BACKBONE.OUT_FEATURES": '["c2", "c3", "c4", "c5"]'}))
+    convs = [m for m in backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    # two 3x3 convs per stage, the first strided, no 1x1 projection
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 10
+    assert [c.stride[0] for c in convs] == [2, 1] * 5
+    with torch.no_grad():
+        out = backbone.eval()(torch.randn(1, 3, 64, 64))
+    assert [tuple(out[f"c{k}"].shape[1:]) for k in range(2, 6)] == [
+        (32, 16, 16), (64, 8, 8), (96, 4, 4), (128, 2, 2)]
+    # stage 3 and above are not built when c2 is the highest output
+    low = TinyNetBackbone(channels=[8] * 5, block="plain", out_features=["c2"], freeze_at=1)
+    assert len(low.stages) == 2
+    assert not any(p.requires_grad for p in low.stages[0].parameters())
+    with pytest.raises(ValueError, match="MODEL.TINYNET.BLOCK='vgg'"):
+        TinyNetBackbone(block="vgg")
