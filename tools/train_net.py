@@ -22,6 +22,7 @@ from detector.engine import (
     default_argument_parser,
     default_setup,
     launch_from_args,
+    scale_for_world_size,
     setup_cfg,
 )
 from detector.utils import comm
@@ -34,6 +35,8 @@ def main(args):
         model = DefaultTrainer.build_model(cfg)
         DefaultTrainer.load_for_evaluation(cfg, model, resume=args.resume)
         return DefaultTrainer.test(cfg, model)
+    # the same in every process: the data loader and solver are built from the scaled values
+    cfg = scale_for_world_size(cfg, comm.get_world_size())
     trainer = DefaultTrainer(cfg)
     trainer.resume_or_load(resume=args.resume)
     results = trainer.train()
@@ -44,7 +47,8 @@ def main(args):
 
 def cli(argv=None):
     args = default_argument_parser().parse_args(argv)
-    # reads and checks the config before any process starts (DIST.TIMEOUT_MINUTES, batch split)
+    # reads and checks the config before any process starts (DIST.TIMEOUT_MINUTES, batch split
+    # after SOLVER.REFERENCE_WORLD_SIZE scaling)
     return launch_from_args(main, args, prog="train_net.py")
 
 

@@ -448,6 +448,8 @@ _C.SOLVER.WEIGHT_DECAY_BIAS = 0.0
 _C.SOLVER.BIAS_LR_FACTOR = 1.0
 # Images per iteration summed over all processes
 _C.SOLVER.IMS_PER_BATCH = 16
+# Processes the solver values were written for; another world size scales them linearly (0 = never)
+_C.SOLVER.REFERENCE_WORLD_SIZE = 0
 # "WarmupMultiStepLR" or "WarmupCosineLR"
 _C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
 # Iterations at which the multistep schedule multiplies the LR by GAMMA
@@ -468,6 +470,11 @@ _C.SOLVER.CHECKPOINT_PERIOD = 5000
 _C.SOLVER.CHECKPOINT_MAX_TO_KEEP = 3
 # Signals that stop training after the current iteration with a checkpoint, exit status 128+signal
 _C.SOLVER.CHECKPOINT_ON_SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+_C.SOLVER.BEST_CHECKPOINT = CN()
+# Eval result choosing model_best.pth ("<dataset>/bbox/AP" with several test sets); "" = off
+_C.SOLVER.BEST_CHECKPOINT.METRIC = "bbox/AP"
+# "max": a higher METRIC is better; "min": a lower one is
+_C.SOLVER.BEST_CHECKPOINT.MODE = "max"
 _C.SOLVER.CLIP_GRADIENTS = CN()
 # Clip gradients before the optimizer step
 _C.SOLVER.CLIP_GRADIENTS.ENABLED = False

@@ -16,6 +16,7 @@ from detector.utils.env import collect_env_info, seed_all_rng
 from detector.utils.logger import setup_logger
 
 from .launch import LaunchError, check_launch_arguments, launch, launched_by_torchrun
+from .scaling import scale_for_world_size
 
 __all__ = ["default_argument_parser", "setup_cfg", "default_setup", "launch_from_args",
            "expected_world_size", "CommandLineParser"]
@@ -148,9 +149,10 @@ def expected_world_size(args) -> int:
 def launch_from_args(main_func, args, prog: str):
     """Entry of the command-line tools: checks what can be checked before any process starts
     (the config and overrides, the launch flags, TEST.COCO_EVAL_BACKEND, SOLVER.IMS_PER_BATCH
-    against the world size unless --eval-only), then runs ``main_func(args)`` through
-    :func:`launch` with the collective timeout DIST.TIMEOUT_MINUTES. Bad input and failed
-    processes end in ``SystemExit`` with one line "<prog>: error: ..."."""
+    against the world size after SOLVER.REFERENCE_WORLD_SIZE scaling unless --eval-only), then
+    runs ``main_func(args)`` through :func:`launch` with the collective timeout
+    DIST.TIMEOUT_MINUTES. Bad input and failed processes end in ``SystemExit`` with one line
+    "<prog>: error: ..."."""
     try:
         cfg = setup_cfg(args)
         launch_kwargs = dict(num_machines=args.num_machines, machine_rank=args.machine_rank,
@@ -159,7 +161,9 @@ def launch_from_args(main_func, args, prog: str):
         if len(cfg.DATASETS.TEST) > 0:
             check_backend(cfg.TEST.COCO_EVAL_BACKEND)  # not only after hours of training
         if not getattr(args, "eval_only", False):
-            per_process_batch_size(cfg.SOLVER.IMS_PER_BATCH, expected_world_size(args))
+            world_size = expected_world_size(args)
+            scaled = scale_for_world_size(cfg, world_size, log=False)
+            per_process_batch_size(scaled.SOLVER.IMS_PER_BATCH, world_size)
     except ValueError as err:
         raise SystemExit(f"{prog}: error: {err}") from None
     try:

@@ -138,7 +138,14 @@ class DefaultTrainer(TrainerBase):
             return self._last_eval_results
 
         if len(cfg.DATASETS.TEST) > 0:
-            ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+            eval_hook = hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results)
+            ret.append(eval_hook)
+            if comm.is_main_process() and cfg.SOLVER.BEST_CHECKPOINT.METRIC:
+                # right after the evaluation, to see its newest results
+                ret.append(hooks.BestCheckpointer(
+                    eval_hook, self.checkpointer, metric=cfg.SOLVER.BEST_CHECKPOINT.METRIC,
+                    mode=cfg.SOLVER.BEST_CHECKPOINT.MODE,
+                ))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
         # last: its handlers stay until the checkpoint of an early stop is written

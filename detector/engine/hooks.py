@@ -1,10 +1,13 @@
 """Standard training hooks. Register them in this order so each sees the previous ones' output:
-IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, PeriodicWriter (it
+IterationTimer, LRScheduler, EMAUpdate, PeriodicCheckpointer, EvalHook, BestCheckpointer (it
+reads the EvalHook's newest results), PeriodicWriter (it
 writes what the others put into the EventStorage during the same iteration), StopOnSignal (last,
 so that its handlers stay in place until the others' after_train, e.g. the checkpoint written
 when training stops early, are done)."""
 import datetime
 import logging
+import math
+import os
 import signal
 import threading
 import time
@@ -12,7 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from detector.checkpoint.checkpointer import PeriodicCheckpointer as _PeriodicCheckpointer
+from detector.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
+from detector.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from detector.utils import comm
 from detector.utils.events import EventWriter
 
@@ -20,7 +24,8 @@ from .train_loop import HookBase
 
 __all__ = [
     "CallbackHook", "IterationTimer", "LRScheduler", "EMAUpdate", "PeriodicCheckpointer",
-    "EvalHook", "PeriodicWriter", "StopOnSignal", "flatten_results_dict", "parse_signals",
+    "EvalHook", "BestCheckpointer", "PeriodicWriter", "StopOnSignal", "flatten_results_dict",
+    "parse_signals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -238,22 +243,31 @@ class EvalHook(HookBase):
     """Runs ``eval_function()`` every ``eval_period`` iterations (0: never periodically) and,
     with ``eval_after_train``, once after the last iteration of a complete run. Its result
     (nested dict of numbers) goes into the storage flattened, e.g. "bbox/AP". All ranks call
-    the function and wait for each other afterwards."""
+    the function and wait for each other afterwards.
+
+    After each evaluation, ``last_results`` holds the flattened results of this process and
+    ``last_iteration`` the last training iteration done before it (``max_iter - 1`` for the
+    evaluation after training), for hooks registered after this one (BestCheckpointer)."""
 
     def __init__(self, eval_period: int, eval_function: Callable[[], Optional[Dict]],
                  eval_after_train: bool = True):
         self._period = int(eval_period)
         self._func = eval_function
         self._eval_after_train = eval_after_train
+        self.last_results: Dict[str, float] = {}
+        self.last_iteration: Optional[int] = None
+
+    def before_train(self):
+        self.last_results, self.last_iteration = {}, None
 
     def _do_eval(self):
         results = self._func()
+        flat = {}
         if results:
             if not isinstance(results, dict):
                 raise TypeError(
                     f"EvalHook: eval_function must return a dict, got {type(results).__name__}"
                 )
-            flat = {}
             for name, value in flatten_results_dict(results).items():
                 try:
                     flat[name] = float(value)
@@ -263,6 +277,9 @@ class EvalHook(HookBase):
                         f"number: {value!r}"
                     ) from None
             self.trainer.storage.put_scalars(**flat, smoothing_hint=False)
+        # after train, trainer.iter is max_iter: the weights are those of iteration max_iter - 1
+        self.last_iteration = min(self.trainer.iter, self.trainer.max_iter - 1)
+        self.last_results = flat
         # evaluation can take different times on different ranks
         comm.synchronize()
         return results
@@ -277,6 +294,138 @@ class EvalHook(HookBase):
     def after_train(self):
         if self._eval_after_train and self.trainer.iter >= self.trainer.max_iter:
             self._do_eval()
+
+
+class BestCheckpointer(HookBase):
+    """Keeps ``<save_dir>/model_best.pth``: the weights with the best value of one evaluation
+    result so far. Register it right after ``eval_hook``; after each of its evaluations the value
+    of ``metric`` (a flattened name such as "bbox/AP", see ``EvalHook``) is compared with the
+    best one and, if strictly better, the trainer's checkpointer state is written to
+    ``model_best.pth`` (atomically, only where the checkpointer saves to disk: rank 0).
+
+    - A ``metric`` absent from the results is logged once as a warning naming the metric and the
+      available ones; training goes on. A NaN or infinite value is never taken as the best.
+    - The file also holds ``"iteration"`` and ``"best_metric"`` = {"name", "mode", "value",
+      "iteration"}. That record is the hook's state: when training resumes (start iteration
+      > 0), it is read back from ``model_best.pth``, so the file and the best value it is
+      compared with never disagree, whichever checkpoint the run resumes from. A training
+      started from iteration 0 ignores an existing file and replaces it at its first valid
+      evaluation; a record of another metric or mode is ignored with a warning.
+
+    Args:
+        eval_hook: the EvalHook whose results are read.
+        checkpointer: the trainer's ``DetectionCheckpointer`` (model and checkpointables).
+        metric: flattened result name; with several test datasets "<dataset>/bbox/AP".
+        mode: "max" (higher is better) or "min".
+        file_prefix: the file is ``<file_prefix>.pth``.
+    """
+
+    def __init__(self, eval_hook: EvalHook, checkpointer, *, metric: str = "bbox/AP",
+                 mode: str = "max", file_prefix: str = "model_best"):
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestCheckpointer: mode must be 'max' or 'min' "
+                             f"(SOLVER.BEST_CHECKPOINT.MODE), got {mode!r}")
+        if not metric:
+            raise ValueError("BestCheckpointer: metric must be a result name such as 'bbox/AP'")
+        self.eval_hook = eval_hook
+        self.checkpointer = checkpointer
+        self.metric = metric
+        self.mode = mode
+        self.file_prefix = file_prefix
+        self.best_value: Optional[float] = None
+        self.best_iteration: Optional[int] = None
+        self._seen_iteration: Optional[int] = None
+        self._warned_missing = False
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.checkpointer.save_dir, self.file_prefix + ".pth")
+
+    def _is_better(self, value: float) -> bool:
+        if self.best_value is None:
+            return True
+        return value > self.best_value if self.mode == "max" else value < self.best_value
+
+    def before_train(self):
+        self.best_value = self.best_iteration = None
+        self._seen_iteration = None
+        if self.trainer.start_iter > 0:
+            self._restore_record()
+
+    def _restore_record(self) -> None:
+        """Take the best value and its iteration from an existing ``model_best.pth``."""
+        if not self.checkpointer.save_dir or not os.path.isfile(self.path):
+            return
+        try:
+            saved = load_checkpoint_file(self.path)
+        except (CheckpointError, OSError) as err:  # the message names the file
+            logger.warning("Cannot read the best %s so far (%s): the next evaluation replaces "
+                           "the file", self.metric, err)
+            return
+        record = saved.get("best_metric") if isinstance(saved, dict) else None
+        fields = {"name", "mode", "value", "iteration"}
+        if not isinstance(record, dict) or not fields <= set(record):
+            logger.warning("%s has no best_metric record: the next evaluation replaces it",
+                           self.path)
+            return
+        if (record["name"], record["mode"]) != (self.metric, self.mode):
+            logger.warning("%s was chosen by %s (%s), not %s (%s): the next evaluation replaces "
+                           "it", self.path, record["name"], record["mode"], self.metric,
+                           self.mode)
+            return
+        self.best_value, self.best_iteration = float(record["value"]), int(record["iteration"])
+        logger.info("Resuming with the best %s = %.4f of iteration %d (%s)", self.metric,
+                    self.best_value, self.best_iteration, self.path)
+
+    def after_step(self):
+        self._check_new_results()
+
+    def after_train(self):
+        self._check_new_results()
+
+    def _check_new_results(self) -> None:
+        iteration = self.eval_hook.last_iteration
+        if iteration is None or iteration == self._seen_iteration:
+            return
+        self._seen_iteration = iteration
+        results = self.eval_hook.last_results
+        if self.metric not in results:
+            if not self._warned_missing:
+                self._warned_missing = True
+                logger.warning("BestCheckpointer: metric '%s' is not among the evaluation "
+                               "results (available: %s); %s is not written", self.metric,
+                               ", ".join(sorted(results)) or "none", self.path)
+            return
+        value = results[self.metric]
+        if not math.isfinite(value):
+            logger.warning("BestCheckpointer: %s = %s at iteration %d is not a number that can "
+                           "be compared; the best stays unchanged", self.metric, value, iteration)
+            return
+        previous = ("none" if self.best_value is None
+                    else f"{self.best_value:.4f} at iteration {self.best_iteration}")
+        if not self._is_better(value):
+            logger.info("%s = %.4f at iteration %d does not beat the best %s", self.metric,
+                        value, iteration, previous)
+            return
+        self.best_value, self.best_iteration = value, iteration
+        saved = self._save(iteration)
+        logger.info("New best %s = %.4f at iteration %d (previous best: %s)%s", self.metric,
+                    value, iteration, previous, f"; saved {saved}" if saved else "")
+
+    def _save(self, iteration: int) -> Optional[str]:
+        ckpt = self.checkpointer
+        if not ckpt.save_dir or not ckpt.save_to_disk:
+            return None
+        # written directly rather than by checkpointer.save, which would also point
+        # last_checkpoint at this file and make --resume go back to the best iteration
+        data: Dict[str, Any] = {"model": ckpt.model.state_dict()}
+        for key, obj in ckpt.checkpointables.items():
+            data[key] = obj.state_dict()
+        data["iteration"] = iteration
+        data["best_metric"] = {"name": self.metric, "mode": self.mode,
+                               "value": float(self.best_value), "iteration": int(iteration)}
+        atomic_torch_save(data, self.path)
+        return self.path
 
 
 class PeriodicWriter(HookBase):
