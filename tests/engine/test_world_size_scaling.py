@@ -47,6 +47,12 @@ def test_three_to_one_process():
     assert solver_values(cfg) == (12, 0.02, 120000, 1000, (80000, 100000), 5000, 10000, 3)
 
 
+def test_three_to_two_processes():
+    batch, lr, *rest = solver_values(scale_for_world_size(coco2014_like_cfg(), 2))
+    assert batch == 8 and lr == pytest.approx(0.02 * 2 / 3, rel=1e-12)
+    assert rest == [180000, 1500, (120000, 150000), 7500, 15000, 2]
+
+
 def test_three_to_six_processes_and_idempotence():
     scaled = scale_for_world_size(coco2014_like_cfg(), 6)
     batch, lr, *rest = solver_values(scaled)
