@@ -20,10 +20,17 @@ import os
 
 import torch
 
-from benchmark_common import print_rows, speed_rows, time_pair, train_step, write_json
+from benchmark_common import (
+    add_timing_args,
+    freeze_like_released_detection_weights,
+    print_rows,
+    speed_rows,
+    time_pair,
+    train_step,
+    write_json,
+)
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
 from detector.config import get_cfg
-from detector.layers import convert_frozen_batchnorm
 from detector.modeling import build_model
 from detector.structures import Boxes, Instances
 
@@ -39,7 +46,6 @@ def build_pair(size, num_classes=91, seed=0):
     res2 frozen), which is what our torchvision config mirrors; both normalise 0-255 pixels alike.
     """
     from torchvision.models.detection import retinanet_resnet50_fpn
-    from torchvision.models.detection._utils import overwrite_eps
 
     cfg = get_cfg()
     cfg.merge_from_file(TV_CONFIG)
@@ -48,11 +54,7 @@ def build_pair(size, num_classes=91, seed=0):
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                 min_size=size, max_size=size, image_mean=cfg.MODEL.PIXEL_MEAN,
                                 image_std=cfg.MODEL.PIXEL_STD)
-    tv.backbone.body = convert_frozen_batchnorm(tv.backbone.body)
-    overwrite_eps(tv, 0.0)
-    for name, param in tv.backbone.body.named_parameters():
-        if name.startswith(("conv1.", "layer1.")):
-            param.requires_grad_(False)
+    freeze_like_released_detection_weights(tv)
     ours = build_model(cfg)
     ours.load_state_dict(convert_torchvision_retinanet_state_dict(tv.state_dict()))
     return tv, ours
@@ -133,12 +135,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=512,
                         help="square input size (multiple of 128 with EfficientDet, else of 32)")
     parser.add_argument("--variant", type=int, default=0, help="EfficientDet-D<variant> (0..7)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-batch", type=int, default=1)
-    parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    parser.add_argument("--json", default="", help="write the figures to this file")
+    add_timing_args(parser)
     args = parser.parse_args(argv)
     models = MODELS if "all" in args.model else args.model
     if args.size % 128 and "efficientdet" in models:

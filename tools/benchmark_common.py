@@ -1,12 +1,18 @@
-"""Timing and reporting shared by tools/benchmark.py and tools/benchmark_effdet.py."""
+"""Timing, reporting, command-line options and reference-model set-up shared by tools/benchmark.py,
+tools/benchmark_effdet.py and tools/benchmark_maskrcnn.py (and the tests that build model pairs)."""
+import argparse
 import json
 import statistics
 import time
 from typing import Callable, Dict, Tuple
 
 import torch
+from torch import nn
 
-__all__ = ["time_pair", "train_step", "profile", "speed_rows", "print_rows", "write_json"]
+from detector.layers import convert_frozen_batchnorm
+
+__all__ = ["time_pair", "train_step", "profile", "speed_rows", "print_rows", "write_json",
+           "add_timing_args", "randomize_batchnorms", "freeze_like_released_detection_weights"]
 
 Rows = Dict[str, Tuple[float, float, float]]
 
@@ -71,3 +77,40 @@ def print_rows(title: str, reference: str, rows: Rows) -> None:
 def write_json(path: str, results: Dict) -> None:
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """The timing options every benchmark tool takes."""
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--infer-batch", type=int, default=1)
+    parser.add_argument("--train-batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--json", default="", help="write the figures to this file")
+
+
+def randomize_batchnorms(modules, generator: torch.Generator) -> None:
+    """Gives every nn.BatchNorm2d among ``modules`` a weight in [0.75, 1.25), a bias and running
+    mean of scale 0.1, and a running variance in [0.75, 1.25), drawn from ``generator``, so a
+    converter that drops or swaps a norm tensor changes the outputs."""
+    with torch.no_grad():
+        for m in modules:
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 0.5 + 0.75)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 0.5
+                                    + 0.75)
+
+
+def freeze_like_released_detection_weights(tv_model: nn.Module) -> None:
+    """A torchvision ResNet-FPN detector set up as for its released COCO weights, which our
+    torchvision configs mirror: FrozenBatchNorm with eps 0 in the backbone body, stem and res2
+    frozen (``trainable_backbone_layers=3``)."""
+    from torchvision.models.detection._utils import overwrite_eps
+
+    tv_model.backbone.body = convert_frozen_batchnorm(tv_model.backbone.body)
+    overwrite_eps(tv_model, 0.0)
+    for name, param in tv_model.backbone.body.named_parameters():
+        if name.startswith(("conv1.", "layer1.")):
+            param.requires_grad_(False)

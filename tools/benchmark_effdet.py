@@ -19,6 +19,7 @@ import os
 import torch
 
 from benchmark_common import (
+    add_timing_args,
     print_rows,
     profile,
     speed_rows,
@@ -96,15 +97,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", type=int, default=0, help="D<variant> (0..7)")
     parser.add_argument("--size", type=int, default=512, help="square input size (multiple of 128)")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-batch", type=int, default=1)
-    parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    add_timing_args(parser)
     parser.add_argument("--profile", action="store_true", help="print the top ops of each step")
     parser.add_argument("--effdet-loader-labels", action="store_true",
                         help="give effdet's train step precomputed anchor labels (as its loader)")
-    parser.add_argument("--json", default="", help="write the figures to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides for our model, KEY VALUE pairs")
     args = parser.parse_args(argv)

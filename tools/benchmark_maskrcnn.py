@@ -27,10 +27,19 @@ from typing import Dict, List, Sequence
 import torch
 from torch import nn
 
-from benchmark_common import print_rows, profile, speed_rows, time_pair, train_step, write_json
+from benchmark_common import (
+    add_timing_args,
+    freeze_like_released_detection_weights,
+    print_rows,
+    profile,
+    randomize_batchnorms,
+    speed_rows,
+    time_pair,
+    train_step,
+    write_json,
+)
 from detector.checkpoint.torchvision_maskrcnn import convert_torchvision_maskrcnn_state_dict
 from detector.config import get_cfg
-from detector.layers import convert_frozen_batchnorm
 from detector.modeling import build_model
 from detector.structures import BitMasks, Boxes, Instances
 
@@ -47,15 +56,10 @@ def randomize_statistics(model: nn.Module, generator: torch.Generator) -> None:
     """Batch-norm statistics and affine parameters away from the identity, small random biases
     on every conv and linear layer, and spread-out class, box and mask predictors, so each
     converted tensor affects the outputs."""
+    randomize_batchnorms(model.modules(), generator)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 0.5 + 0.75)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) * 0.5
-                                    + 0.75)
-            elif isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)) and m.bias is not None:
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)) and m.bias is not None:
                 m.bias.add_(torch.randn(m.bias.shape, generator=generator) * 0.05)
         model.rpn.head.cls_logits.weight.normal_(0, 0.002, generator=generator)
         predictor = model.roi_heads.box_predictor
@@ -78,7 +82,6 @@ def build_pair(size: int, *, seed: int = 0, opts: Sequence[str] = ()):
     """torchvision's maskrcnn_resnet50_fpn (91 classes, random weights, biased class logits, see
     the module docstring) and ours holding the same weights."""
     from torchvision.models.detection import maskrcnn_resnet50_fpn
-    from torchvision.models.detection._utils import overwrite_eps
 
     cfg = get_cfg()
     cfg.merge_from_file(TV_CONFIG)
@@ -94,12 +97,7 @@ def build_pair(size: int, *, seed: int = 0, opts: Sequence[str] = ()):
                                image_std=list(cfg.MODEL.PIXEL_STD))
     randomize_statistics(tv, torch.Generator().manual_seed(seed + 1))
     bias_class_logits(tv)
-    tv.backbone.body = convert_frozen_batchnorm(tv.backbone.body)
-    overwrite_eps(tv, 0.0)
-    # trainable_backbone_layers=3, as for the released weights and our MODEL.BACKBONE.FREEZE_AT 2
-    for name, param in tv.backbone.body.named_parameters():
-        if name.startswith(("conv1.", "layer1.")):
-            param.requires_grad_(False)
+    freeze_like_released_detection_weights(tv)
     ours = build_model(cfg)
     ours.load_state_dict(convert_torchvision_maskrcnn_state_dict(tv.state_dict(),
                                                                  ours.state_dict()))
@@ -226,13 +224,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="square input size")
-    parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--infer-batch", type=int, default=1)
-    parser.add_argument("--train-batch", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    add_timing_args(parser)
     parser.add_argument("--profile", action="store_true", help="print the top ops of each step")
-    parser.add_argument("--json", default="", help="write the figures to this file")
     parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
                         help="config overrides for our model, KEY VALUE pairs")
     args = parser.parse_args(argv)
