@@ -182,6 +182,14 @@ time.sleep(60)
 """
 
 
+def default_signal_dispositions():
+    """Start the entrypoint as a container's first process starts: no signal ignored. A shell
+    cannot trap a signal ignored when it started, and a test run from a background job (nohup,
+    ``cmd &``) inherits SIGINT and SIGQUIT ignored."""
+    for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sent,forwarded,status", [
     (signal.SIGUSR1, "SIGTERM", 138), (signal.SIGTERM, "SIGTERM", 143),
     (signal.SIGINT, "SIGINT", 130)])
@@ -193,7 +201,8 @@ def test_stop_signals_are_forwarded_and_reported_in_the_exit_status(tmp_path, se
     record = tmp_path / "signal.txt"
     proc = subprocess.Popen([ENTRYPOINT], stderr=subprocess.PIPE, text=True,
                             env=base_env(DETECTOR_PYTHON=fake, DETECTOR_NPROC_PER_NODE=1,
-                                         SIGNAL_RECORD=record), start_new_session=True)
+                                         SIGNAL_RECORD=record), start_new_session=True,
+                            preexec_fn=default_signal_dispositions)
     try:
         deadline = time.monotonic() + 30
         while not (tmp_path / "signal.txt.ready").exists():
