@@ -232,7 +232,10 @@ def test_torchrun_stops_the_run_when_a_rank_dies(tmp_path, shapes_train):
     """Under torchrun, rank 1 os._exit(1)s at iteration 3: torchrun stops rank 0 and fails."""
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # torchrun runs this file as a script: the shared test helpers (tests/) must be importable
+    tests_dir = os.path.join(ROOT, "tests")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")])))
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
