@@ -252,27 +252,45 @@ def shapes_data():
     ensure_shapes_dataset("val")
 
 
-def run_two_nodes(tmp_path, node_envs):
-    """Start the entrypoint once per environment; returns [(returncode, output)] per node."""
-    out = tmp_path / "run"
+def start_nodes(tmp_path, node_envs, args, name="node"):
+    """Start the entrypoint with ``args`` once per environment, its output in
+    ``<name><node>.log``; returns [(process, log file)]."""
     procs = []
     for node, variables in enumerate(node_envs):
-        log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen([ENTRYPOINT] + tiny_training_args(out), cwd=ROOT,
-                                       stdout=log, stderr=subprocess.STDOUT,
-                                       env=base_env(**variables), start_new_session=True), log))
-    deadline = time.monotonic() + NODE_TIMEOUT_S
+        log = open(tmp_path / f"{name}{node}.log", "w")
+        procs.append((subprocess.Popen([ENTRYPOINT] + args, cwd=ROOT, stdout=log,
+                                       stderr=subprocess.STDOUT, env=base_env(**variables),
+                                       start_new_session=True), log))
+    return procs
+
+
+def wait_nodes(procs, deadline):
+    for proc, _ in procs:
+        proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+
+
+def stop_nodes(procs):
+    """Kill the entrypoints still running (only those started here, with their children) and
+    close the logs; returns [(returncode, output)] per node."""
     results = []
+    for proc, log in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        results.append((proc.returncode, open(log.name).read()))
+    return results
+
+
+def run_two_nodes(tmp_path, node_envs):
+    """Train with the entrypoint once per environment; returns the output folder and
+    [(returncode, output)] per node."""
+    out = tmp_path / "run"
+    procs = start_nodes(tmp_path, node_envs, tiny_training_args(out))
     try:
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        wait_nodes(procs, time.monotonic() + NODE_TIMEOUT_S)
     finally:
-        for proc, log in procs:
-            if proc.poll() is None:  # only the entrypoints started here, with their children
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
-            results.append((proc.returncode, open(log.name).read()))
+        results = stop_nodes(procs)
     return out, results
 
 
@@ -325,12 +343,7 @@ def test_sigusr1_checkpoints_both_nodes_and_a_relaunch_resumes(tmp_path, shapes_
                   DETECTOR_SHUTDOWN_TIMEOUT=60)
     node_envs = [dict(common, SLURM_NODEID=0), dict(common, SLURM_NODEID=1)]
     args = tiny_training_args(out) + ["SOLVER.MAX_ITER", "1000", "DATASETS.TEST", "()"]
-    procs = []
-    for node, variables in enumerate(node_envs):
-        log = open(tmp_path / f"node{node}.log", "w")
-        procs.append((subprocess.Popen([ENTRYPOINT] + args, cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, env=base_env(**variables),
-                                       start_new_session=True), log))
+    procs = start_nodes(tmp_path, node_envs, args)
     try:
         deadline = time.monotonic() + NODE_TIMEOUT_S
         metrics = out / "metrics.json"
@@ -340,18 +353,12 @@ def test_sigusr1_checkpoints_both_nodes_and_a_relaunch_resumes(tmp_path, shapes_
             time.sleep(0.2)
         for proc, _ in procs:
             os.kill(proc.pid, signal.SIGUSR1)
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        wait_nodes(procs, deadline)
     finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
-    outputs = [open(log.name).read() for _, log in procs]
-    for node, (proc, _) in enumerate(procs):
-        assert proc.returncode == 138, f"node {node}:\n{outputs[node][-4000:]}"
-        assert outputs[node].rstrip().splitlines()[-1].endswith("exiting 138 so the job can be retried")
+        results = stop_nodes(procs)
+    for node, (code, output) in enumerate(results):
+        assert code == 138, f"node {node}:\n{output[-4000:]}"
+        assert output.rstrip().splitlines()[-1].endswith("exiting 138 so the job can be retried")
     stopped = re.search(r"Stopped by SIGTERM after iteration (\d+), saved (\S+)",
                         (out / "log.txt").read_text())
     assert stopped, (out / "log.txt").read_text()[-3000:]
@@ -360,23 +367,12 @@ def test_sigusr1_checkpoints_both_nodes_and_a_relaunch_resumes(tmp_path, shapes_
 
     resumed_args = tiny_training_args(out) + [
         "SOLVER.MAX_ITER", str(saved_iteration + 3), "DATASETS.TEST", "()"]
-    procs = []
-    for node, variables in enumerate(node_envs):
-        log = open(tmp_path / f"resumed{node}.log", "w")
-        procs.append((subprocess.Popen([ENTRYPOINT] + resumed_args, cwd=ROOT, stdout=log,
-                                       stderr=subprocess.STDOUT, env=base_env(**variables),
-                                       start_new_session=True), log))
+    procs = start_nodes(tmp_path, node_envs, resumed_args, name="resumed")
     try:
-        deadline = time.monotonic() + NODE_TIMEOUT_S
-        for proc, _ in procs:
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        wait_nodes(procs, time.monotonic() + NODE_TIMEOUT_S)
     finally:
-        for proc, log in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            log.close()
-    for node, (proc, log) in enumerate(procs):
-        assert proc.returncode == 0, f"node {node}:\n{open(log.name).read()[-4000:]}"
+        results = stop_nodes(procs)
+    for node, (code, output) in enumerate(results):
+        assert code == 0, f"node {node}:\n{output[-4000:]}"
     iterations = [json.loads(line).get("iteration") for line in metrics.read_text().splitlines()]
     assert iterations[-2:] == [saved_iteration + 1, saved_iteration + 2]

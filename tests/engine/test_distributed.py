@@ -118,15 +118,21 @@ def shapes_data():
     ensure_shapes_dataset("val")
 
 
-def train_and_record(args, losses_path):
+def train_and_record(args, losses_path, loss_keys=None):
     """A main function for launch(): the standard trainer plus a hook that records the raw
-    (rank-averaged) total loss of every iteration; rank 0 writes them to ``losses_path``."""
+    (rank-averaged) total loss of every iteration, or with ``loss_keys`` a dict of those losses;
+    rank 0 writes them to ``losses_path``."""
     cfg = setup_cfg(args)
     default_setup(cfg, args)
     trainer = DefaultTrainer(cfg)
     losses = []
-    trainer.register_hooks([CallbackHook(
-        after_step=lambda t: losses.append(t.storage.history("total_loss").latest()))])
+
+    def record(t):
+        latest = t.storage.history
+        losses.append(latest("total_loss").latest() if loss_keys is None
+                      else {k: latest(k).latest() for k in loss_keys})
+
+    trainer.register_hooks([CallbackHook(after_step=record)])
     trainer.resume_or_load(resume=False)
     trainer.train()
     if comm.is_main_process():

@@ -15,9 +15,8 @@ import shutil
 import pytest
 import torch
 
-from detector.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detector.engine import DefaultTrainer, default_argument_parser, launch
 from detector.engine import setup_cfg
-from detector.engine.hooks import CallbackHook
 from detector.structures import BitMasks, Boxes, Instances
 from detector.utils import comm
 
@@ -26,6 +25,7 @@ from test_distributed import (  # noqa: F401  (shapes_data is a fixture)
     max_relative_difference,
     one_thread,
     shapes_data,
+    train_and_record,
     watchdog,
 )
 
@@ -63,29 +63,13 @@ def parse_args(out_dir, *extra):
         ["--config-file", CONFIG] + tiny_opts(out_dir, *extra))
 
 
-def train_and_record_losses(args, losses_path):
-    """A main function for launch(): the standard trainer plus a hook that records every
-    iteration's rank-averaged losses; rank 0 writes them to ``losses_path``."""
-    cfg = setup_cfg(args)
-    default_setup(cfg, args)
-    trainer = DefaultTrainer(cfg)
-    losses = []
-    trainer.register_hooks([CallbackHook(after_step=lambda t: losses.append(
-        {k: t.storage.history(k).latest() for k in LOSS_KEYS}))])
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    if comm.is_main_process():
-        with open(losses_path, "w") as f:
-            json.dump(losses, f)
-
-
 def _ddp_versus_single(tmp_path, iterations):
     extra = TAKE_ALL + ("SOLVER.MAX_ITER", iterations)
     with watchdog(), one_thread():
         for world in (1, 2):
-            launch(train_and_record_losses, world, timeout_minutes=2,
+            launch(train_and_record, world, timeout_minutes=2,
                    args=(parse_args(tmp_path / f"world{world}", *extra),
-                         str(tmp_path / f"losses_{world}.json")))
+                         str(tmp_path / f"losses_{world}.json"), LOSS_KEYS))
     single = json.loads((tmp_path / "losses_1.json").read_text())
     ddp = json.loads((tmp_path / "losses_2.json").read_text())
     assert len(single) == len(ddp) == iterations
