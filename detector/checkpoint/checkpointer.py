@@ -185,9 +185,10 @@ class DetectionCheckpointer(Checkpointer):
         self.resumed_from: Optional[str] = None
 
     # ----------------------------------------------------------------------------- saving
-    def save(self, name: str, **kwargs: Any) -> None:
-        """Write ``<save_dir>/<name>.pth`` atomically and tag it in ``last_checkpoint``; extra
-        keyword arguments (e.g. ``iteration``) are stored as top-level entries."""
+    def save(self, name: str, *, tag_last: bool = True, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` atomically and, with ``tag_last``, tag it in
+        ``last_checkpoint`` (the file ``--resume`` continues from); extra keyword arguments (e.g.
+        ``iteration``) are stored as top-level entries."""
         if not self.save_dir or not self.save_to_disk:
             return
         data: Dict[str, Any] = {"model": self.model.state_dict()}
@@ -200,7 +201,8 @@ class DetectionCheckpointer(Checkpointer):
             raise ValueError(f"Checkpoint name must be a plain file name, got '{name}'")
         os.makedirs(self.save_dir, exist_ok=True)
         atomic_torch_save(data, save_file)
-        self.tag_last_checkpoint(basename)
+        if tag_last:
+            self.tag_last_checkpoint(basename)
         # logged after the rename: a reader seeing this line finds a complete file
         self.logger.info("Saved checkpoint to %s", save_file)
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from detector.checkpoint import CheckpointError, atomic_torch_save, load_checkpoint_file
+from detector.checkpoint import CheckpointError, load_checkpoint_file
 from detector.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from detector.utils import comm
 from detector.utils.events import EventWriter
@@ -416,15 +416,10 @@ class BestCheckpointer(HookBase):
         ckpt = self.checkpointer
         if not ckpt.save_dir or not ckpt.save_to_disk:
             return None
-        # written directly rather than by checkpointer.save, which would also point
-        # last_checkpoint at this file and make --resume go back to the best iteration
-        data: Dict[str, Any] = {"model": ckpt.model.state_dict()}
-        for key, obj in ckpt.checkpointables.items():
-            data[key] = obj.state_dict()
-        data["iteration"] = iteration
-        data["best_metric"] = {"name": self.metric, "mode": self.mode,
-                               "value": float(self.best_value), "iteration": int(iteration)}
-        atomic_torch_save(data, self.path)
+        # not tagged in last_checkpoint: --resume must not go back to the best iteration
+        ckpt.save(self.file_prefix, tag_last=False, iteration=iteration,
+                  best_metric={"name": self.metric, "mode": self.mode,
+                               "value": float(self.best_value), "iteration": int(iteration)})
         return self.path
 
 
