@@ -5,7 +5,7 @@ import torch.distributed as dist
 __all__ = [
     "unwrap_model", "model_device",
     "get_world_size", "get_rank", "get_local_rank", "is_main_process", "synchronize",
-    "all_gather", "gather", "reduce_dict", "all_reduce_sum",
+    "all_gather", "gather", "reduce_dict", "all_reduce_sum", "loss_divisor",
 ]
 
 _LOCAL_RANK = 0
@@ -82,6 +82,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
         total = tensor.detach().clone()
         dist.all_reduce(total)
         return total
+
+
+def loss_divisor(counts: torch.Tensor, *, sum_over_ranks: bool) -> torch.Tensor:
+    """Loss divisors (float) from per-process counts: ``max(count, 1)``, or with
+    ``sum_over_ranks`` under W processes ``max(count summed over the processes, 1) / W``, so
+    that DDP's averaged gradients are those of the whole batch on one process. A collective
+    then: every rank must call it."""
+    counts = counts.float()
+    world_size = get_world_size()
+    if sum_over_ranks and world_size > 1:
+        return all_reduce_sum(counts).clamp(min=1.0) / world_size
+    return counts.clamp(min=1.0)
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

@@ -215,10 +215,7 @@ class RPN(nn.Module):
         must call it, as every rank's training forward does."""
         count = rpn_loss_count(gt_labels, normalization=self.loss_normalization,
                                batch_size_per_image=self.batch_size_per_image)
-        world_size = comm.get_world_size()
-        if self.loss_normalizer_all_ranks and world_size > 1:
-            return comm.all_reduce_sum(count).clamp(min=1.0) / world_size
-        return count.clamp(min=1.0)
+        return comm.loss_divisor(count, sum_over_ranks=self.loss_normalizer_all_ranks)
 
     @torch.no_grad()
     def label_and_sample_anchors(self, anchors: torch.Tensor, gt_instances: List[Instances],

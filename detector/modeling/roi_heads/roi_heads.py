@@ -190,13 +190,9 @@ class StandardROIHeads(nn.Module):
         classes = torch.cat([s.gt_classes for s in samples])
         foreground = (classes >= 0) & (classes < self.num_classes)
         counts = torch.stack([(classes >= 0).sum(), foreground.sum()])
-        counts = counts.to(torch.float32)
-        world_size = comm.get_world_size()
-        if self.loss_normalizer_all_ranks and world_size > 1:
-            counts = comm.all_reduce_sum(counts).clamp(min=1.0) / world_size
-        else:
-            counts = counts.clamp(min=1.0)
-        return counts[0], counts[1]
+        # one all-reduce for both
+        divisors = comm.loss_divisor(counts, sum_over_ranks=self.loss_normalizer_all_ranks)
+        return divisors[0], divisors[1]
 
     @torch.no_grad()
     def label_and_sample_proposals(self, proposal_boxes: torch.Tensor, gt: Instances,
