@@ -9,7 +9,8 @@ from .datasets import (
     register_coco_instances,
 )
 from .dataset_mapper import DatasetMapper, ImageLoadError, ImageSizeMismatchError, read_image
-from .samplers import AspectRatioGroupedDataset, InferenceSampler, TrainingSampler
+from .samplers import InferenceSampler, TrainingBatchSampler
+from .common import TrainingDataLoader, TrainingSamples
 from .build import (
     build_detection_test_loader,
     build_detection_train_loader,
@@ -22,7 +23,7 @@ __all__ = [
     "DatasetFormatError", "load_coco_json", "register_coco_instances",
     "ensure_shapes_dataset", "generate_shapes_dataset",
     "DatasetMapper", "ImageLoadError", "ImageSizeMismatchError", "read_image",
-    "TrainingSampler", "InferenceSampler", "AspectRatioGroupedDataset",
+    "TrainingBatchSampler", "InferenceSampler", "TrainingSamples", "TrainingDataLoader",
     "build_detection_train_loader", "build_detection_test_loader", "get_detection_dataset_dicts",
     "transforms",
 ]

@@ -6,23 +6,17 @@ from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.utils.data as torchdata
 
 from detector.utils import comm
 
 from .catalog import DatasetCatalog, MetadataCatalog
-from .common import DataLoader, DatasetFromList, MapDataset, MappedTrainingStream
+from .common import DataLoader, DatasetFromList, MapDataset, TrainingDataLoader, TrainingSamples
 from .dataset_mapper import DatasetMapper
-from .samplers import (
-    AspectRatioGroupedDataset,
-    InferenceSampler,
-    TrainingSampler,
-    shared_random_seed,
-)
+from .samplers import InferenceSampler, TrainingBatchSampler, shared_random_seed
 
 __all__ = [
     "get_detection_dataset_dicts", "build_detection_train_loader", "build_detection_test_loader",
-    "build_batch_data_loader", "per_process_batch_size",
+    "aspect_ratio_group_ids", "per_process_batch_size",
 ]
 
 logger = logging.getLogger("detector.data")
@@ -86,13 +80,10 @@ def _trivial_batch_collator(batch):
     return batch
 
 
-def _identity(item):
-    return item
-
-
 def _seed_worker(worker_id: int) -> None:
     """Seed numpy/random inside a worker from its torch seed (derived from the loader's
-    generator), for user mappers that use those global generators. Workers ignore SIGINT: a
+    generator), for user mappers that use those global generators (such a mapper is
+    reproducible for a fixed worker count, but not across a resume: see TrainingSamples). Workers ignore SIGINT: a
     terminal's Ctrl-C reaches the whole process group, and the main process alone decides to
     checkpoint and stop (a worker dying first would fail the batch it was preparing)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -101,31 +92,35 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def build_batch_data_loader(
-    stream: torchdata.IterableDataset,
-    batch_size: int,
-    *,
-    num_workers: int,
-    aspect_ratio_grouping: bool,
-    seed: int,
-):
-    """Iterable of lists of ``batch_size`` mapped dicts from an endless ``stream``."""
-    common = dict(num_workers=num_workers, worker_init_fn=_seed_worker,
-                  generator=torch.Generator().manual_seed(seed))
-    if aspect_ratio_grouping:
-        loader = DataLoader(stream, batch_size=None, collate_fn=_identity, **common)
-        return AspectRatioGroupedDataset(loader, batch_size)
-    return DataLoader(stream, batch_size=batch_size, drop_last=True,
-                                collate_fn=_trivial_batch_collator, **common)
+def aspect_ratio_group_ids(dataset_dicts: Sequence[dict]) -> np.ndarray:
+    """1 for a landscape image (width > height), 0 otherwise, from the dicts' "height" and
+    "width" (grouping must not read images: every rank computes every rank's batches). Dicts
+    without a size go to group 0, counted in a warning."""
+    ids = np.zeros(len(dataset_dicts), dtype=np.int64)
+    unknown = 0
+    for i, d in enumerate(dataset_dicts):
+        h, w = d.get("height"), d.get("width")
+        if h is None or w is None:
+            unknown += 1
+        else:
+            ids[i] = int(w > h)
+    if unknown:
+        logger.warning("%d of %d training images have no height/width in their dataset dict: "
+                       "aspect-ratio grouping puts them with the portrait images",
+                       unknown, len(dataset_dicts))
+    return ids
 
 
 def build_detection_train_loader(cfg, mapper: Optional[Callable[[dict], dict]] = None):
-    """Endless iterable of per-process training batches (lists of
+    """Endless :class:`TrainingDataLoader` of per-process training batches (lists of
     ``SOLVER.IMS_PER_BATCH // world_size`` mapped dicts) over the concatenated DATASETS.TRAIN.
 
-    Sampling is seeded by SEED (shared by all ranks; a random shared seed when SEED < 0), sharded
-    by rank and then by worker. Images that fail to load are skipped with a warning
-    (see ``MappedTrainingStream``)."""
+    The schedule (:class:`TrainingBatchSampler`) is seeded by SEED (a random seed shared by all
+    ranks when SEED < 0) and computed alike by every rank; with DATALOADER.ASPECT_RATIO_GROUPING
+    a batch holds only landscape or only portrait images. Each sample's augmentation draws from
+    its global stream position (:mod:`detector.utils.seeding`), and the loader's
+    ``state_dict`` is checkpointed, so a resumed run continues the stream exactly. Images that
+    fail to load are replaced, logged and counted (see :class:`TrainingSamples`)."""
     dataset_dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
@@ -134,17 +129,16 @@ def build_detection_train_loader(cfg, mapper: Optional[Callable[[dict], dict]] =
     world_size = comm.get_world_size()
     batch_size = per_process_batch_size(cfg.SOLVER.IMS_PER_BATCH, world_size)
     seed = cfg.SEED if cfg.SEED >= 0 else shared_random_seed()
-    sampler = TrainingSampler(len(dataset_dicts), shuffle=True, seed=seed)
-    stream = MappedTrainingStream(DatasetFromList(dataset_dicts), mapper, sampler, seed=seed)
+    group_ids = (aspect_ratio_group_ids(dataset_dicts)
+                 if cfg.DATALOADER.ASPECT_RATIO_GROUPING else None)
+    batch_sampler = TrainingBatchSampler(len(dataset_dicts), batch_size=batch_size, seed=seed,
+                                         group_ids=group_ids)
+    samples = TrainingSamples(DatasetFromList(dataset_dicts), mapper, seed=seed)
     logger.info("Training on %d images from %s: %d image(s) per batch per process, %d worker(s)",
                 len(dataset_dicts), list(cfg.DATASETS.TRAIN), batch_size,
                 cfg.DATALOADER.NUM_WORKERS)
-    return build_batch_data_loader(
-        stream, batch_size,
-        num_workers=cfg.DATALOADER.NUM_WORKERS,
-        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
-        seed=seed,
-    )
+    return TrainingDataLoader(samples, batch_sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
+                              worker_init_fn=_seed_worker)
 
 
 def build_detection_test_loader(cfg, dataset_name: str,

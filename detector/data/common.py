@@ -1,17 +1,20 @@
-"""Dataset wrappers used by the loaders: a compact list, a mapped view, a mapped training stream."""
+"""Dataset wrappers used by the loaders: a compact list, a mapped view, the training samples and
+the training loader."""
+import collections
 import logging
 import pickle
 import re
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
+import torch
 import torch.utils.data as torchdata
 
-from detector.utils import comm
+from detector.utils import seeding
 
 from .dataset_mapper import ImageLoadError
 
-__all__ = ["DatasetFromList", "MapDataset", "MappedTrainingStream", "DataLoader",
+__all__ = ["DatasetFromList", "MapDataset", "TrainingSamples", "TrainingDataLoader", "DataLoader",
            "unwrap_worker_error"]
 
 logger = logging.getLogger("detector.data")
@@ -59,53 +62,111 @@ class MapDataset(torchdata.Dataset):
         return self.mapper(self.dataset[idx])
 
 
-class MappedTrainingStream(torchdata.IterableDataset):
-    """Endless stream of mapped training dicts: indices from ``sampler`` (already sharded by rank)
-    are split again among data-loader workers, then mapped.
+class TrainingSamples(torchdata.Dataset):
+    """Map-style view of the training set keyed by stream samples ``(position, index)``:
+    ``dataset[index]`` mapped with the augmentation randomness of ``position``
+    (``seeding.sample_rng``), so a sample is the same whichever process or worker maps it, and
+    again after a resume.
 
-    An image that fails to load (``ImageLoadError``: missing or corrupt file) is skipped with a
-    warning and counted in ``num_skipped`` (per worker process); the stream moves on to the next
-    sampled image. ``max_consecutive_failures`` failures in a row raise, since that means the
-    data is broken rather than a few files. A mapper with a ``reseed(seed)`` method gets a seed
-    derived from (``seed``, rank, worker id), so augmentations differ across workers and ranks
-    and are reproducible for a fixed ``seed``."""
+    The mapper gets its randomness through ``mapper.reseed(seed)`` (called before every sample;
+    a mapper without ``reseed`` must not draw random numbers, or runs stop being reproducible).
+    An image that fails to load (``ImageLoadError``: missing or corrupt file), or that the
+    mapper drops by returning None, is replaced by a randomly drawn other image of the training
+    set (drawn from the position, so a resumed run replaces it alike); the failures travel with
+    the sample and :class:`TrainingDataLoader` logs and counts them. ``max_attempts`` failures in
+    a row for one sample raise, since that means the data is broken rather than a few files.
 
-    def __init__(self, dataset, mapper: Callable[[dict], Optional[dict]], sampler, *,
-                 seed: int, max_consecutive_failures: int = 20):
+    Returns ``(mapped dict, [failure messages])``."""
+
+    def __init__(self, dataset, mapper: Callable[[dict], Optional[dict]], *, seed: int,
+                 max_attempts: int = 20):
         self.dataset = dataset
         self.mapper = mapper
-        self.sampler = sampler
-        self.seed = seed
-        self.max_consecutive_failures = max_consecutive_failures
+        self.seed = int(seed)
+        self.max_attempts = max_attempts
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, sample: Tuple[int, int]) -> Tuple[dict, List[str]]:
+        position, index = (int(v) for v in sample)
+        failures: List[str] = []
+        for attempt in range(self.max_attempts):
+            if attempt > 0:
+                replacement = seeding.derive_seed(self.seed, seeding.REPLACEMENT, position, attempt)
+                index = replacement % len(self.dataset)
+            if hasattr(self.mapper, "reseed"):
+                # the same stream for the replacement: it takes the failed sample's place
+                self.mapper.reseed(seeding.derive_seed(self.seed, seeding.AUGMENTATION, position))
+            try:
+                mapped = self.mapper(self.dataset[index])
+            except ImageLoadError as e:
+                failures.append(str(e))
+                continue
+            if mapped is None:
+                failures.append(f"the mapper dropped dataset index {index}")
+                continue
+            return mapped, failures
+        raise RuntimeError(f"{self.max_attempts} training images in a row failed to load "
+                           f"(sample {position}; last: {failures[-1]}); check the dataset files")
+
+
+def _collate_samples(samples):
+    return samples
+
+
+class TrainingDataLoader:
+    """The endless training loader: batches of mapped dicts on the schedule of a
+    :class:`~detector.data.samplers.TrainingBatchSampler`, mapped by ``num_workers`` worker
+    processes (0: in this process) that prefetch ahead.
+
+    :meth:`state_dict` is the schedule's state after the last batch *handed out* (not after the
+    last one prefetched), so a checkpoint of it resumes exactly after the batches trained on.
+    Replaced images (see :class:`TrainingSamples`) are logged as warnings and counted in
+    ``num_skipped``."""
+
+    def __init__(self, samples: TrainingSamples, batch_sampler, *, num_workers: int,
+                 worker_init_fn=None):
+        self.samples = samples
+        self.batch_sampler = batch_sampler
+        self.num_workers = int(num_workers)
+        self.worker_init_fn = worker_init_fn
         self.num_skipped = 0
+        self._state = batch_sampler.state_dict()
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_sampler.batch_size
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._state.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+        self.samples.seed = self.batch_sampler.seed
+        self._state = self.batch_sampler.state_dict()
 
     def __iter__(self):
-        info = torchdata.get_worker_info()
-        worker_id, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        if hasattr(self.mapper, "reseed"):
-            seq = np.random.SeedSequence([self.seed, comm.get_rank(), worker_id])
-            self.mapper.reseed(int(seq.generate_state(1)[0]))
-        failures_in_a_row = 0
-        for position, idx in enumerate(iter(self.sampler)):
-            if position % num_workers != worker_id:
-                continue
-            try:
-                mapped = self.mapper(self.dataset[idx])
-            except ImageLoadError as e:
-                self.num_skipped += 1
-                failures_in_a_row += 1
-                if failures_in_a_row >= self.max_consecutive_failures:
-                    raise RuntimeError(
-                        f"{failures_in_a_row} training images in a row failed to load "
-                        f"(last: {e}); check the dataset files"
-                    ) from e
-                logger.warning("Skipping training image (%d skipped so far%s): %s",
-                               self.num_skipped,
-                               f" in worker {worker_id}" if info is not None else "", e)
-                continue
-            failures_in_a_row = 0
-            if mapped is not None:  # a mapper may return None to drop an image
-                yield mapped
+        pending_states = collections.deque()
+
+        def index_batches():
+            for batch, state in self.batch_sampler:
+                pending_states.append(state)
+                yield batch
+
+        # the workers' base seed comes from this generator, not from torch's global one
+        generator = torch.Generator().manual_seed(self.batch_sampler.seed)
+        loader = DataLoader(self.samples, batch_sampler=index_batches(),
+                            num_workers=self.num_workers, collate_fn=_collate_samples,
+                            worker_init_fn=self.worker_init_fn, generator=generator)
+        for batch in loader:
+            self._state = pending_states.popleft()
+            for _, failures in batch:
+                for message in failures:
+                    self.num_skipped += 1
+                    logger.warning("Skipping training image (%d skipped so far; a random other "
+                                   "image takes its place): %s", self.num_skipped, message)
+            yield [mapped for mapped, _ in batch]
 
 
 # torch's ExceptionWrapper.reraise: "Caught <Type> in DataLoader worker process <N>.\nOriginal

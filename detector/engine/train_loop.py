@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from detector.utils import comm
+from detector.utils import comm, seeding
 from detector.utils.events import EventStorage, get_event_storage
 
 __all__ = ["HookBase", "TrainerBase", "SimpleTrainer", "AMPTrainer", "TrainingInterrupted",
@@ -257,10 +257,12 @@ class SimpleTrainer(TrainerBase):
         optimizer: a torch optimizer.
         grad_clipper: ``callable(params)``, e.g. from ``build_gradient_clipper``; if it returns
             a tensor (the total norm) it is logged as "grad_norm".
+        seed: with a seed, torch's global generator is re-seeded before every step's forward
+            from (seed, iteration, rank); the seed is part of the state.
     """
 
     def __init__(self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                 *, grad_clipper: Optional[Callable] = None):
+                 *, grad_clipper: Optional[Callable] = None, seed: Optional[int] = None):
         super().__init__()
         model.train()
         self.model = model
@@ -268,6 +270,13 @@ class SimpleTrainer(TrainerBase):
         self._data_loader_iter_obj = None
         self.optimizer = optimizer
         self.grad_clipper = grad_clipper
+        self.seed = None if seed is None else int(seed)
+
+    def _seed_step(self) -> None:
+        """Re-seed torch's global generator (dropout, drop path) from (seed, iteration, rank),
+        so that a resumed run draws what the uninterrupted one did (see utils.seeding)."""
+        if self.seed is not None:
+            torch.manual_seed(seeding.step_seed(self.seed, self.iter, comm.get_rank()))
 
     @property
     def _data_loader_iter(self):
@@ -329,6 +338,7 @@ class SimpleTrainer(TrainerBase):
         if not self.model.training:
             raise RuntimeError("SimpleTrainer.run_step: the model is in eval mode")
         data, data_time = self._next_batch()
+        self._seed_step()
         loss_dict = self.model(data)
         losses, loss_dict = self._sum_losses(loss_dict)
         loss_values = self._check_and_reduce(loss_dict)
@@ -340,7 +350,15 @@ class SimpleTrainer(TrainerBase):
 
     def state_dict(self) -> dict:
         # the optimizer is saved by the checkpointer under its own key
-        return super().state_dict()
+        ret = super().state_dict()
+        if self.seed is not None:
+            ret["seed"] = self.seed
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.seed is not None and "seed" in state_dict:
+            self.seed = int(state_dict["seed"])
 
 
 class AMPTrainer(SimpleTrainer):
@@ -348,8 +366,9 @@ class AMPTrainer(SimpleTrainer):
     without a scaler elsewhere (CPU). The device type is taken from the model's parameters."""
 
     def __init__(self, model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
-                 *, grad_clipper: Optional[Callable] = None, grad_scaler=None):
-        super().__init__(model, data_loader, optimizer, grad_clipper=grad_clipper)
+                 *, grad_clipper: Optional[Callable] = None, grad_scaler=None,
+                 seed: Optional[int] = None):
+        super().__init__(model, data_loader, optimizer, grad_clipper=grad_clipper, seed=seed)
         self.device_type = comm.model_device(model).type
         if self.device_type == "cuda":
             self.amp_dtype = torch.float16
@@ -364,6 +383,7 @@ class AMPTrainer(SimpleTrainer):
         if not self.model.training:
             raise RuntimeError("AMPTrainer.run_step: the model is in eval mode")
         data, data_time = self._next_batch()
+        self._seed_step()
         with torch.autocast(device_type=self.device_type, dtype=self.amp_dtype):
             loss_dict = self.model(data)
         losses, loss_dict = self._sum_losses(loss_dict)

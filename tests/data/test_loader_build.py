@@ -92,7 +92,28 @@ def test_failed_images_are_skipped_and_counted(tmp_path, temp_catalog, tiny_cfg,
     assert len(ids) == 24 and set(ids) == {1, 3, 4, 6, 7, 8}
     skips = [r.getMessage() for r in caplog.records if "Skipping training image" in r.getMessage()]
     assert skips and any("2.jpg" in m for m in skips) and any("5.jpg" in m for m in skips)
-    assert loader.dataset.num_skipped == len(skips)
+    assert loader.num_skipped == len(skips)
+
+
+def test_a_replaced_image_is_replaced_alike_with_workers(tmp_path, temp_catalog, tiny_cfg):
+    """The replacement is drawn from the sample's position: the same batches with 0 and 2
+    workers, in the same order."""
+    json_file, root = _dataset(tmp_path)
+    os.remove(os.path.join(root, "3.jpg"))
+    name = _register(temp_catalog, "_test_build_replace_workers", json_file, root)
+    tiny_cfg.DATASETS.TRAIN = (name,)
+    tiny_cfg.SOLVER.IMS_PER_BATCH = 2
+
+    def run(workers):
+        tiny_cfg.DATALOADER.NUM_WORKERS = workers
+        loader = build_detection_train_loader(tiny_cfg)
+        batches = list(itertools.islice(iter(loader), 10))
+        return ([(d["image_id"], d["instances"].gt_boxes.tensor.tolist())
+                 for b in batches for d in b], loader.num_skipped)
+
+    (in_process, skipped), (with_workers, skipped_workers) = run(0), run(2)
+    assert in_process == with_workers and skipped == skipped_workers > 0
+    assert 3 not in {i for i, _ in in_process}
 
 
 def test_too_many_failures_in_a_row_raise(tmp_path, temp_catalog, tiny_cfg):
@@ -101,7 +122,8 @@ def test_too_many_failures_in_a_row_raise(tmp_path, temp_catalog, tiny_cfg):
         os.remove(os.path.join(root, f))
     name = _register(temp_catalog, "_test_build_allbad", json_file, root)
     tiny_cfg.DATASETS.TRAIN = (name,)
-    with pytest.raises(RuntimeError, match="20 training images in a row failed"):
+    with pytest.raises(RuntimeError, match="20 training images in a row failed to load "
+                                           r"\(sample 0; last: "):
         next(iter(build_detection_train_loader(tiny_cfg)))
 
 

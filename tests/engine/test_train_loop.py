@@ -227,3 +227,43 @@ def test_request_stop_ends_after_the_current_iteration():
     # a new run does not inherit the old request
     trainer.train(3, 5)
     assert steps == [0, 1, 2, 3, 4] and trainer.stop_signal is None
+
+
+def test_grad_scaler_state_is_saved_and_restored():
+    """The scaler's scale and growth tracker travel with the trainer's state (what a resume of
+    a CUDA fp16 run needs); torch's scaler for the CPU stands in for the CUDA one here."""
+    model = Regression()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    trainer = AMPTrainer(model, itertools.cycle(_batches()),
+                         torch.optim.SGD(model.parameters(), lr=0.05), grad_scaler=scaler)
+    trainer.train(0, 5)
+    state = trainer.state_dict()
+    assert state["grad_scaler"]["scale"] == scaler.get_scale() != 1024.0
+    fresh = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
+    other = AMPTrainer(Regression(), [], torch.optim.SGD(model.parameters(), lr=0.05),
+                       grad_scaler=fresh)
+    other.load_state_dict(state)
+    assert fresh.get_scale() == scaler.get_scale()
+    assert fresh.state_dict() == scaler.state_dict()
+
+
+def test_step_seed_makes_global_draws_a_function_of_the_iteration():
+    """With a seed, what the model draws from torch's global generator at iteration i does
+    not depend on what ran before (a resumed run draws the same)."""
+    class Dropping(Regression):
+        def forward(self, batch):
+            self.draws.append(torch.rand(3))
+            return super().forward(batch)
+
+    def draws(start, stop):
+        model = Dropping()
+        model.draws = []
+        trainer = SimpleTrainer(model, itertools.cycle(_batches()),
+                                torch.optim.SGD(model.parameters(), lr=0.05), seed=11)
+        torch.manual_seed(start)  # whatever state the global generator had
+        trainer.train(start, stop)
+        return model.draws
+
+    whole, resumed = draws(0, 6), draws(3, 6)
+    assert all(torch.equal(a, b) for a, b in zip(whole[3:], resumed))
+    assert not torch.equal(whole[3], whole[4])
