@@ -123,6 +123,13 @@ def default_setup(cfg, args):
     setup_logger(output_dir, distributed_rank=rank, name="detector")
     logger = logging.getLogger("detector")
     logger.info("Rank %d of world size %d", rank, comm.get_world_size())
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restarts > 0:
+        # torchrun restarted the workers after one failed (or the nodes changed): with --resume
+        # the run continues from the newest checkpoint
+        logger.warning("torchrun restart %d of at most %s (TORCHELASTIC_RESTART_COUNT), world "
+                       "size now %d", restarts, os.environ.get("TORCHELASTIC_MAX_RESTARTS", "?"),
+                       comm.get_world_size())
     logger.info("Environment:\n%s", collect_env_info())
     logger.info("Command line: %s", " ".join(sys.argv))
     if comm.is_main_process() and output_dir:

@@ -19,6 +19,7 @@ from detector.data import (
     build_detection_train_loader,
 )
 from detector.data.build import per_process_batch_size
+from detector.data.samplers import shared_random_seed
 from detector.evaluation import COCOEvaluator, DatasetEvaluators, inference_on_dataset
 from detector.modeling import build_model
 from detector.solver import ModelEMA, build_gradient_clipper, build_lr_scheduler, build_optimizer
@@ -27,6 +28,7 @@ from detector.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXW
 
 from . import hooks
 from .train_loop import AMPTrainer, SimpleTrainer, TrainerBase
+from .visualization_hook import EvalImages
 
 __all__ = ["DefaultTrainer", "check_num_classes"]
 
@@ -57,11 +59,18 @@ class DefaultTrainer(TrainerBase):
         self.ema = ModelEMA(model, decay=cfg.SOLVER.EMA.DECAY) if cfg.SOLVER.EMA.ENABLED else None
         model = self._wrap_ddp(model)
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
+        seed = cfg.SEED if cfg.SEED >= 0 else shared_random_seed()
         self._trainer = trainer_cls(
-            model, data_loader, optimizer, grad_clipper=build_gradient_clipper(cfg)
+            model, data_loader, optimizer, grad_clipper=build_gradient_clipper(cfg), seed=seed
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         extra = {"ema": self.ema} if self.ema is not None else {}
+        # the position of the data stream: a resume continues it (a custom loader without
+        # state restarts its stream)
+        if callable(getattr(data_loader, "state_dict", None)):
+            extra["data_loader"] = data_loader
+        self._batch_record = _TotalBatchRecord(cfg.SOLVER.IMS_PER_BATCH)
+        extra["total_batch"] = self._batch_record
         # a model's training-time random sampling (GeneralizedRCNN) resumes where it stopped
         sampling_rng = getattr(comm.unwrap_model(model), "sampling_rng", None)
         if sampling_rng is not None:
@@ -95,6 +104,10 @@ class DefaultTrainer(TrainerBase):
     def optimizer(self):
         return self._trainer.optimizer
 
+    @property
+    def data_loader(self):
+        return self._trainer.data_loader
+
     def resume_or_load(self, resume: bool = True):
         """With ``resume``, continue from the newest checkpoint in OUTPUT_DIR that can be read
         (model, optimizer, scheduler, iteration; unreadable ones are skipped with a warning);
@@ -102,9 +115,11 @@ class DefaultTrainer(TrainerBase):
         MODEL.BACKBONE.WEIGHTS, and start at iteration 0. A resumed run never reads the backbone
         file, so a requeued job does not need it."""
         logger = logging.getLogger("detector")
+        fresh_base_lrs = list(self.scheduler.base_lrs)
         checkpoint = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
         if self.checkpointer.resumed_from is not None:
             self.start_iter = checkpoint.get("iteration", -1) + 1
+            self._continue_with_another_total_batch(fresh_base_lrs)
             logger.info("Resuming at iteration %d", self.start_iter)
         else:
             load_backbone_weights_from_config(self.cfg, self.model)
@@ -113,12 +128,40 @@ class DefaultTrainer(TrainerBase):
             if len(set(starts)) > 1:
                 raise RuntimeError(f"Ranks would start at different iterations {starts}: every "
                                    f"process must see the same OUTPUT_DIR ({self.cfg.OUTPUT_DIR})")
+        if self.start_iter > 0 and "data_loader" in self.checkpointer.checkpointables \
+                and "data_loader" not in self.checkpointer.restored:
+            logger.warning("The checkpoint has no data-stream position: the training data "
+                           "restart from the beginning of the stream at iteration %d",
+                           self.start_iter)
         if self.ema is not None and "ema" not in self.checkpointer.restored:
             # the average starts from the weights training starts from, not the initialization
             if self.start_iter > 0:
                 logger.warning("The checkpoint has no EMA weights: the average restarts from the "
                                "current weights at iteration %d", self.start_iter)
             self.ema.reset(self.model)
+
+    def _continue_with_another_total_batch(self, fresh_base_lrs):
+        """A checkpoint written with another SOLVER.IMS_PER_BATCH (a restart on another number
+        of processes with SOLVER.REFERENCE_WORLD_SIZE scaling): continue after the same number
+        of images, at the iteration and learning rate of this run's (scaled) schedule."""
+        saved = self._batch_record.loaded
+        total = int(self.cfg.SOLVER.IMS_PER_BATCH)
+        if saved is None or saved == total or self.start_iter == 0:
+            return
+        images = self.start_iter * saved
+        start_iter = (images + total // 2) // total
+        logging.getLogger("detector").warning(
+            "The checkpoint was trained with %d images per iteration, this run has %d: "
+            "iteration %d (%d images) continues as iteration %d of %d", saved, total,
+            self.start_iter, images, start_iter, self.max_iter)
+        self.start_iter = start_iter
+        self.scheduler.base_lrs = list(fresh_base_lrs)
+        for group, base_lr in zip(self.optimizer.param_groups, fresh_base_lrs):
+            group["initial_lr"] = base_lr
+        # the scheduler is stepped after every iteration: at the start of iteration i it is at i
+        self.scheduler.last_epoch = start_iter
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
+            group["lr"] = lr
 
     def build_hooks(self):
         cfg = self.cfg
@@ -146,6 +189,11 @@ class DefaultTrainer(TrainerBase):
                     eval_hook, self.checkpointer, metric=cfg.SOLVER.BEST_CHECKPOINT.METRIC,
                     mode=cfg.SOLVER.BEST_CHECKPOINT.MODE,
                 ))
+            if comm.is_main_process() and cfg.TEST.VIS_NUM_IMAGES > 0:
+                # pictures of the model just evaluated (the EMA copy if any)
+                ret.append(EvalImages.from_config(
+                    cfg, eval_hook,
+                    model_fn=lambda: self.ema.module if self.ema is not None else self.model))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=cfg.LOG_PERIOD))
         # last: its handlers stay until the checkpoint of an early stop is written
@@ -269,6 +317,24 @@ class DefaultTrainer(TrainerBase):
         if len(results) == 1:
             results = list(results.values())[0]
         return results
+
+
+class _TotalBatchRecord:
+    """The images per iteration (over all processes) a checkpoint was trained with, so that a
+    run resumed with another total batch can continue after the same number of images."""
+
+    def __init__(self, ims_per_batch: int):
+        self.ims_per_batch = int(ims_per_batch)
+        self.loaded = None  # the value in the checkpoint last loaded
+
+    def state_dict(self) -> dict:
+        return {"ims_per_batch": self.ims_per_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        value = int(state["ims_per_batch"])
+        if value <= 0:
+            raise ValueError(f"ims_per_batch {value} is not positive")
+        self.loaded = value
 
 
 def check_num_classes(model, dataset_name: str) -> None:

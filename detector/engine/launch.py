@@ -22,6 +22,16 @@ a checkpoint, and ``launch`` raises :class:`TrainingInterrupted` (a ``SystemExit
 dies (set by torch), so even a killed launcher leaves a checkpoint. Under torchrun, torchrun
 forwards the signals it handles itself. A Ctrl-C that interrupts a process before its training
 loop started ends it with one line and status 130 instead of a traceback.
+
+Under torchrun, a worker that stopped on a signal also writes its exit status to the file named
+by DETECTOR_STOP_STATUS_FILE, if set: torchrun reports any non-zero worker status as a failure
+(exit 1), and a node whose workers stopped because a peer node was signalled thus learns that
+the stop was a graceful one (docker/entrypoint.sh exits with it, so the job is retried).
+
+Elastic restarts (``torchrun --max-restarts=N``): torchrun's agents share one TCP store with the
+workers across rendezvous rounds by default, and a restarted worker can then read a dead
+predecessor's address from it and fail to connect. Set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+for torchrun (docker/entrypoint.sh does): every round then gets a fresh store.
 """
 import datetime
 import json
@@ -271,12 +281,23 @@ def _torchrun_main(main_func, args, timeout):
 
 
 def _run_torchrun_worker(main_func, args, timeout):
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0
+            and os.environ.get("RANK") == "0"):
+        logger.warning("torchrun --max-restarts with the rendezvous store shared by its workers: "
+                       "restarted workers may fail to connect; set "
+                       "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun")
     try:
-        return run_reporting_errors(_torchrun_main, (main_func, args, timeout),
-                                    rank=int(os.environ["RANK"]),
-                                    world_size=int(os.environ["WORLD_SIZE"]))
-    finally:
-        _destroy()
+        result = run_reporting_errors(_torchrun_main, (main_func, args, timeout),
+                                      rank=int(os.environ["RANK"]),
+                                      world_size=int(os.environ["WORLD_SIZE"]))
+    except TrainingInterrupted as stop:
+        _write_stop_status(stop.code)
+        raise
+    # only after success: tearing down a group whose peer died leaves the store shared by
+    # torchrun's restarts in a state where the restarted workers cannot connect
+    _destroy()
+    return result
 
 
 def _spawned_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url,
@@ -399,6 +420,17 @@ class _ShownExceptions(logging.Handler):
 
     def was_shown(self, err: BaseException) -> bool:
         return any(e is err for e in self._shown)
+
+
+def _write_stop_status(status) -> None:
+    path = os.environ.get("DETECTOR_STOP_STATUS_FILE")
+    if not path:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write(f"{int(status)}\n")
+    except OSError as err:  # the exit status still says it
+        logger.warning("Cannot write the stop status to %s: %s", path, err)
 
 
 def _destroy():
