@@ -28,7 +28,11 @@
 # handle SIGUSR1 (SLURM's warning signal), so SIGUSR1 is sent to torchrun as SIGTERM. After such
 # a stop the script exits 128 + the signal received (138 for SIGUSR1, 143 for SIGTERM), which
 # Kubernetes' restartPolicy ExitCode retries; torchrun shuts down instead of restarting its
-# workers, so a preemption does not count against --max-restarts.
+# workers, so a preemption does not count against --max-restarts. A node whose workers stopped
+# because another node was signalled exits with the same status (they report it through
+# DETECTOR_STOP_STATUS_FILE; torchrun itself would exit 1). With --max-restarts above 0 such a
+# node's torchrun restarts its workers first, which resume from the checkpoint just written.
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE defaults to 1: restarted workers then connect reliably.
 set -euo pipefail
 
 PROG=entrypoint.sh
@@ -220,6 +224,12 @@ main() {
         return 0
     fi
     echo "$PROG: $SCHEDULER node: ${command[*]}" >&2
+    # a fresh rendezvous store per round: with torchrun's shared one, workers restarted after a
+    # failure can read their dead predecessors' addresses and fail to connect
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+    # workers that stop on a signal (also one sent to another node) write their status here
+    DETECTOR_STOP_STATUS_FILE=$(mktemp)
+    export DETECTOR_STOP_STATUS_FILE
 
     RECEIVED=0
     CHILD=""
@@ -238,10 +248,19 @@ main() {
         status=0
         wait "$CHILD" || status=$?
     done
+    local stopped
+    stopped=$(cat "$DETECTOR_STOP_STATUS_FILE" 2>/dev/null || true)
+    rm -f "$DETECTOR_STOP_STATUS_FILE"
     if ((RECEIVED != 0 && status != 0)); then
         echo "$PROG: stopped by signal $RECEIVED (torchrun exited $status);" \
             "exiting $((128 + RECEIVED)) so the job can be retried" >&2
         exit $((128 + RECEIVED))
+    fi
+    if ((status != 0)) && [[ $stopped =~ ^[0-9]{3}$ ]] && ((stopped > 128 && stopped < 256)); then
+        # another node was signalled: the workers here saved and stopped with it
+        echo "$PROG: the workers stopped on a signal to another node (torchrun exited" \
+            "$status); exiting $stopped so the job can be retried" >&2
+        exit "$stopped"
     fi
     exit "$status"
 }
