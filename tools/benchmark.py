@@ -14,15 +14,35 @@ implementations and the ratio (>1 means we are faster), then a summary of the ra
 compared first: a speedup that changes results is a bug. tools/benchmark_effdet.py and
 tools/benchmark_maskrcnn.py have the model-only options (--profile, config overrides);
 benchmark_maskrcnn.py says how both Mask R-CNNs are made to keep 100 detections per image.
+
+Also reported, for both sides: the training step's forward and backward ms (the step is forward
++ backward + optimizer step), the inference FLOP rate (2 x fvcore multiply-adds per image /
+inference seconds per image, GFLOP/s) and the peak memory of inference and of training, each
+case measured in one fresh process (CPU: peak resident set size, VmHWM, which includes the
+Python and torch runtime; CUDA: max_memory_allocated); --no-memory skips those processes.
+
+Any config alone (no reference; e.g. the CPU inference-time column of the pyramid table):
+
+    python tools/benchmark.py --config-file configs/pyramid/retinanet_P2-P6.yaml --size 512 \
+        --threads 2 [KEY VALUE ...]
 """
 import argparse
 import os
+import statistics
+import time
 
 import torch
 
 from benchmark_common import (
     add_timing_args,
+    detail_rows,
     freeze_like_released_detection_weights,
+    inference_macs,
+    infer_fn,
+    load_weights_for_case,
+    pair_peak_memory,
+    peak_memory_mb,
+    phase_ms,
     print_rows,
     speed_rows,
     time_pair,
@@ -32,32 +52,62 @@ from benchmark_common import (
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
 from detector.config import get_cfg
 from detector.modeling import build_model
-from detector.structures import Boxes, Instances
+from detector.structures import BitMasks, Boxes, Instances
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TV_CONFIG = os.path.join(ROOT, "configs", "retinanet", "retinanet_R_50_FPN_torchvision.yaml")
 MODELS = ("retinanet", "maskrcnn", "efficientdet")
 
 
-def build_pair(size, num_classes=91, seed=0):
-    """torchvision's retinanet_resnet50_fpn with random weights and ours holding the same weights.
-
-    torchvision is set up as it is for its released COCO weights (FrozenBN with eps 0, stem and
-    res2 frozen), which is what our torchvision config mirrors; both normalise 0-255 pixels alike.
-    """
-    from torchvision.models.detection import retinanet_resnet50_fpn
-
+def _tv_config(num_classes):
     cfg = get_cfg()
     cfg.merge_from_file(TV_CONFIG)
     cfg.merge_from_list(["MODEL.RETINANET.NUM_CLASSES", str(num_classes)])
+    return cfg
+
+
+def build_reference(size, num_classes=91, seed=0):
+    """torchvision's retinanet_resnet50_fpn with random weights, set up as it is for its released
+    COCO weights (FrozenBN with eps 0, stem and res2 frozen), which is what our torchvision config
+    mirrors; both normalise 0-255 pixels alike."""
+    from torchvision.models.detection import retinanet_resnet50_fpn
+
+    cfg = _tv_config(num_classes)
     torch.manual_seed(seed)
     tv = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=num_classes,
                                 min_size=size, max_size=size, image_mean=cfg.MODEL.PIXEL_MEAN,
                                 image_std=cfg.MODEL.PIXEL_STD)
     freeze_like_released_detection_weights(tv)
-    ours = build_model(cfg)
+    return tv
+
+
+def build_pair(size, num_classes=91, seed=0):
+    """torchvision's retinanet_resnet50_fpn with random weights and ours holding the same."""
+    tv = build_reference(size, num_classes, seed)
+    ours = build_model(_tv_config(num_classes))
     ours.load_state_dict(convert_torchvision_retinanet_state_dict(tv.state_dict()))
     return tv, ours
+
+
+def memory_case(side, mode, size, batch, weights):
+    """One side alone ("reference" or "detector") holding the weights saved at ``weights``,
+    and the function running its ``mode`` ("inference" or "train") on the benchmark's input:
+    what ``benchmark_common.peak_memory_mb`` measures in a fresh process."""
+    model = build_reference(size) if side == "reference" else build_model(_tv_config(91))
+    load_weights_for_case(model, weights)
+    images, tv_targets, our_inputs = make_inputs(batch, size)
+    if mode == "inference":
+        model.eval()
+        return infer_fn(model, images if side == "reference" else without_instances(our_inputs))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if side == "reference":
+        return train_step(optimizer, lambda: model(images, tv_targets))
+    return train_step(optimizer, lambda: model(our_inputs))
+
+
+def without_instances(inputs):
+    return [{k: v for k, v in d.items() if k != "instances"} for d in inputs]
 
 
 def make_inputs(batch, size, seed=1):
@@ -100,31 +150,122 @@ def run_retinanet(args) -> dict:
     max_score_diff = check_outputs_match(tv, ours, images[:bi], our_inputs[:bi])
     print(f"RetinaNet: max |score difference| between implementations: {max_score_diff:.2e}")
 
-    def infer(model, inputs):
-        def run():
-            with torch.no_grad():
-                model(inputs)
-        return run
-
     tv.eval()
     ours.eval()
-    our_eval_inputs = [{k: v for k, v in d.items() if k != "instances"} for d in our_inputs[:bi]]
-    infer_seconds = time_pair(infer(tv, images[:bi]), infer(ours, our_eval_inputs),
+    our_eval_inputs = without_instances(our_inputs[:bi])
+    infer_seconds = time_pair(infer_fn(tv, images[:bi]), infer_fn(ours, our_eval_inputs),
                               args.iters, args.warmup)
 
     opt_tv = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad], lr=1e-6)
     opt_ours = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=1e-6)
     tv.train()
     ours.train()
-    train_seconds = time_pair(
-        train_step(opt_tv, lambda: tv(images[:bt], tv_targets[:bt])),
-        train_step(opt_ours, lambda: ours(our_inputs[:bt])), args.iters, args.warmup)
+    step_tv = train_step(opt_tv, lambda: tv(images[:bt], tv_targets[:bt]))
+    step_ours = train_step(opt_ours, lambda: ours(our_inputs[:bt]))
+    train_seconds = time_pair(step_tv, step_ours, args.iters, args.warmup)
 
     rows = speed_rows(infer_seconds, bi, train_seconds, bt)
+    memory = None if args.no_memory else pair_peak_memory(
+        "benchmark", tv, ours, size=args.size, infer_batch=bi, train_batch=bt,
+        threads=torch.get_num_threads())
+    rows.update(detail_rows((phase_ms(step_tv, args.iters), phase_ms(step_ours, args.iters)),
+                            inference_macs(ours, args.size, args.size),
+                            (rows["inference_ms_per_img"][0], rows["inference_ms_per_img"][1]),
+                            memory))
     print_rows(f"RetinaNet R-50-FPN, {args.size}x{args.size}, inference batch {bi}, train batch "
                f"{bt}, threads={torch.get_num_threads()}, median of {args.iters} alternating runs "
                f"after {args.warmup} warm-up", "torchvision", rows)
     return {"rows": rows, "max_score_diff": max_score_diff, "reference": "torchvision"}
+
+
+def config_model(config_file, opts=(), seed=0):
+    """(cfg, model with seeded random weights) of any config."""
+    cfg = get_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    cfg.freeze()
+    torch.manual_seed(seed)
+    return cfg, build_model(cfg)
+
+
+def config_inputs(model, batch, size, mask_on=False, seed=1):
+    """Training inputs for any detector: uint8 images, four boxes per image with classes in
+    range and, for a mask head, masks filling the boxes."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(batch):
+        image = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)
+        xy = torch.rand(4, 2, generator=g) * size * 0.6
+        wh = 8 + torch.rand(4, 2, generator=g) * size * 0.35
+        boxes = torch.cat([xy, xy + wh], 1).clamp(max=size - 1).floor()
+        classes = torch.randint(0, int(model.num_classes), (4,), generator=g)
+        inst = Instances((size, size), gt_boxes=Boxes(boxes), gt_classes=classes)
+        if mask_on:
+            masks = torch.zeros(4, size, size, dtype=torch.bool)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+                masks[k, y1:y2, x1:x2] = True
+            inst.gt_masks = BitMasks(masks)
+        out.append({"image": image, "height": size, "width": size, "image_id": i,
+                    "instances": inst})
+    return out
+
+
+def config_memory_case(config_file, opts, mode, size, batch):
+    """The function running ``mode`` of the config's model (seeded random weights), for
+    ``benchmark_common.peak_memory_mb``."""
+    cfg, model = config_model(config_file, opts)
+    inputs = config_inputs(model, batch, size, cfg.MODEL.MASK_ON)
+    if mode == "inference":
+        return infer_fn(model.eval(), without_instances(inputs))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    return train_step(optimizer, lambda: model(inputs))
+
+
+def run_config(args) -> dict:
+    """Time the model of --config-file alone at --size: inference ms/img, training img/s with
+    forward and backward ms, inference GFLOP/s and peak memory; print them; return the rows
+    {metric: value}."""
+    cfg, model = config_model(args.config_file, args.opts)
+    bi, bt = args.infer_batch, args.train_batch
+    inputs = config_inputs(model, max(bi, bt), args.size, cfg.MODEL.MASK_ON)
+    infer = infer_fn(model.eval(), without_instances(inputs[:bi]))
+    infer_seconds = time_one(infer, args.iters, args.warmup)
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    step = train_step(optimizer, lambda: model(inputs[:bt]))
+    train_seconds = time_one(step, args.iters, args.warmup)
+    forward_ms, backward_ms = phase_ms(step, args.iters)
+    infer_ms = infer_seconds * 1000 / bi
+    rows = {"inference_ms_per_img": infer_ms, "train_img_per_s": bt / train_seconds,
+            "train_forward_ms": forward_ms, "train_backward_ms": backward_ms,
+            "inference_GFLOP_per_s": 2.0 * inference_macs(model, args.size, args.size)
+            / (infer_ms / 1000) / 1e9}
+    if not args.no_memory:
+        for mode, batch in (("inference", bi), ("train", bt)):
+            rows[f"peak_MB_{mode}"] = peak_memory_mb(
+                "benchmark", "config_memory_case",
+                dict(config_file=args.config_file, opts=list(args.opts), mode=mode,
+                     size=args.size, batch=batch), threads=torch.get_num_threads())
+    print(f"{cfg.MODEL.META_ARCHITECTURE} ({args.config_file}), {args.size}x{args.size}, "
+          f"inference batch {bi}, train batch {bt}, threads={torch.get_num_threads()}, median of "
+          f"{args.iters} runs after {args.warmup} warm-up")
+    print(f"{'metric':<24}{'detector':>14}")
+    for name, value in rows.items():
+        print(f"{name:<24}{value:>14.2f}")
+    return rows
+
+
+def time_one(fn, iters, warmup) -> float:
+    """Median seconds of ``fn`` over ``iters`` runs after ``warmup``."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
 
 
 def main(argv=None):
@@ -135,15 +276,28 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=512,
                         help="square input size (multiple of 128 with EfficientDet, else of 32)")
     parser.add_argument("--variant", type=int, default=0, help="EfficientDet-D<variant> (0..7)")
+    parser.add_argument("--config-file", default="", metavar="FILE",
+                        help="time this config's model alone (no reference, --model ignored)")
     add_timing_args(parser)
+    parser.add_argument("opts", nargs=argparse.REMAINDER, default=[],
+                        help="config overrides for --config-file, KEY VALUE pairs")
     args = parser.parse_args(argv)
+    if args.opts and not args.config_file:
+        parser.error(f"config overrides {args.opts[:2]} need --config-file")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config_file:
+        if args.size % 32:
+            parser.error("--size must be a multiple of 32")
+        rows = run_config(args)
+        if args.json:
+            write_json(args.json, {args.config_file: rows})
+        return {args.config_file: rows}
     models = MODELS if "all" in args.model else args.model
     if args.size % 128 and "efficientdet" in models:
         parser.error("--size must be a multiple of 128 (effdet builds its BiFPN for that size)")
     if args.size % 32:
         parser.error("--size must be a multiple of 32")
-    if args.threads:
-        torch.set_num_threads(args.threads)
 
     results = {}
     if "retinanet" in models:
@@ -158,14 +312,17 @@ def main(argv=None):
         results[f"EfficientDet-D{args.variant}"] = run_efficientdet(args)
     print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.size}")
     print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}"
-          f"{'max box diff':>14}{'min mask IoU':>14}")
+          f"{'max box diff':>14}{'min mask IoU':>14}{'forward':>9}{'backward':>10}"
+          f"{'peak mem train':>16}")
     for name, res in results.items():
         rows, outputs = res["rows"], res.get("outputs", {})
         box_diff, mask_iou = (f"{outputs[k]:{f}}" if k in outputs else "-"
                               for k, f in (("max_box_diff", ".1e"), ("min_mask_iou", ".4f")))
+        memory = f"{rows['peak_MB_train'][2]:.2f}" if "peak_MB_train" in rows else "-"
         print(f"{name:<22}{res['reference']:>13}{rows['inference_ms_per_img'][2]:>11.2f}"
               f"{rows['train_img_per_s'][2]:>9.2f}{res['max_score_diff']:>16.1e}{box_diff:>14}"
-              f"{mask_iou:>14}")
+              f"{mask_iou:>14}{rows['train_forward_ms'][2]:>9.2f}"
+              f"{rows['train_backward_ms'][2]:>10.2f}{memory:>16}")
     if args.json:
         write_json(args.json, {
             name: {**{k: dict(zip((res["reference"], "detector", "ratio"), v))

@@ -1,18 +1,27 @@
 """Timing, reporting, command-line options and reference-model set-up shared by tools/benchmark.py,
-tools/benchmark_effdet.py and tools/benchmark_maskrcnn.py (and the tests that build model pairs)."""
+tools/benchmark_effdet.py and tools/benchmark_maskrcnn.py (and the tests that build model pairs).
+
+Run as a program (``benchmark_common.py --memory-case SPEC``) it is the fresh process that
+measures the peak memory of one case, see :func:`peak_memory_mb`."""
 import argparse
+import importlib
 import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from detector.layers import convert_frozen_batchnorm
-
-__all__ = ["time_pair", "train_step", "profile", "speed_rows", "print_rows", "write_json",
-           "add_timing_args", "randomize_batchnorms", "freeze_like_released_detection_weights"]
+__all__ = ["time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
+           "detail_rows", "print_rows", "write_json", "add_timing_args", "randomize_batchnorms",
+           "freeze_like_released_detection_weights", "inference_macs", "peak_memory_mb",
+           "infer_fn", "load_weights_for_case", "save_weights_for_case", "pair_peak_memory"]
 
 Rows = Dict[str, Tuple[float, float, float]]
 
@@ -31,15 +40,55 @@ def time_pair(fn_a: Callable, fn_b: Callable, iters: int, warmup: int) -> Tuple[
     return statistics.median(samples_a), statistics.median(samples_b)
 
 
-def train_step(optimizer: torch.optim.Optimizer, forward: Callable[[], Dict]) -> Callable:
-    """A function doing one optimizer step on the summed losses of ``forward()`` (or its
-    "loss" entry, as effdet's bench returns)."""
-    def run():
-        losses = forward()
+def _synchronize() -> None:
+    # CUDA kernels run asynchronously: a phase ends when its kernels have
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+class TrainStep:
+    """One optimizer step on the summed losses of ``forward()`` (or its "loss" entry, as
+    effdet's bench returns) when called; each call appends its (forward, backward, optimizer)
+    seconds to ``phases``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, forward: Callable[[], Dict]):
+        self.optimizer, self.forward = optimizer, forward
+        self.phases: List[Tuple[float, float, float]] = []
+
+    def __call__(self) -> None:
+        start = time.perf_counter()
+        losses = self.forward()
         total = losses["loss"] if "loss" in losses else sum(losses.values())
-        optimizer.zero_grad(set_to_none=True)
+        _synchronize()
+        forward_done = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
         total.backward()
-        optimizer.step()
+        _synchronize()
+        backward_done = time.perf_counter()
+        self.optimizer.step()
+        _synchronize()
+        self.phases.append((forward_done - start, backward_done - forward_done,
+                            time.perf_counter() - backward_done))
+
+
+def train_step(optimizer: torch.optim.Optimizer, forward: Callable[[], Dict]) -> TrainStep:
+    """A ``TrainStep``: callable, doing one optimizer step and timing its phases."""
+    return TrainStep(optimizer, forward)
+
+
+def phase_ms(step: TrainStep, iters: int) -> Tuple[float, float]:
+    """Median forward and backward milliseconds of the last ``iters`` calls of ``step`` (the
+    timed ones, after the warm-up)."""
+    timed = step.phases[-iters:]
+    return (statistics.median(p[0] for p in timed) * 1000,
+            statistics.median(p[1] for p in timed) * 1000)
+
+
+def infer_fn(model: nn.Module, inputs) -> Callable[[], None]:
+    """A function running ``model(inputs)`` without gradients."""
+    def run():
+        with torch.no_grad():
+            model(inputs)
     return run
 
 
@@ -67,6 +116,26 @@ def speed_rows(infer_seconds: Tuple[float, float], infer_batch: int,
     }
 
 
+def detail_rows(forward_backward_ms: Tuple[Tuple[float, float], Tuple[float, float]],
+                macs_per_image: int, infer_ms_per_img: Tuple[float, float],
+                peak_mb: Optional[Dict[str, Tuple[float, float]]] = None) -> Rows:
+    """The training step's forward and backward ms, the inference FLOP rate (2 x multiply-adds
+    per image / inference seconds per image, GFLOP/s) and the peak memory (MB) of inference and
+    of training (``peak_mb``: {"inference"|"train": (reference, ours)}), as (reference, ours,
+    ratio) with ratio > 1 meaning ours is better (faster, smaller). Both sides run the same
+    network (their outputs are compared first), so one multiply-add count serves both."""
+    (ref_fwd, ref_bwd), (our_fwd, our_bwd) = forward_backward_ms
+    rate = [2.0 * macs_per_image / (ms / 1000) / 1e9 for ms in infer_ms_per_img]
+    rows = {
+        "train_forward_ms": (ref_fwd, our_fwd, ref_fwd / our_fwd),
+        "train_backward_ms": (ref_bwd, our_bwd, ref_bwd / our_bwd),
+        "inference_GFLOP_per_s": (rate[0], rate[1], rate[1] / rate[0]),
+    }
+    for mode, (ref, ours) in (peak_mb or {}).items():
+        rows[f"peak_MB_{mode}"] = (ref, ours, ref / ours)
+    return rows
+
+
 def print_rows(title: str, reference: str, rows: Rows) -> None:
     print(title)
     print(f"{'metric':<24}{reference:>14}{'detector':>14}{'ratio (ours faster >1)':>26}")
@@ -87,6 +156,8 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     parser.add_argument("--json", default="", help="write the figures to this file")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the peak-memory column (one fresh process per case)")
 
 
 def randomize_batchnorms(modules, generator: torch.Generator) -> None:
@@ -109,8 +180,123 @@ def freeze_like_released_detection_weights(tv_model: nn.Module) -> None:
     frozen (``trainable_backbone_layers=3``)."""
     from torchvision.models.detection._utils import overwrite_eps
 
+    # imported here: the memory-measuring processes that import this module stay light
+    from detector.layers import convert_frozen_batchnorm
+
     tv_model.backbone.body = convert_frozen_batchnorm(tv_model.backbone.body)
     overwrite_eps(tv_model, 0.0)
     for name, param in tv_model.backbone.body.named_parameters():
         if name.startswith(("conv1.", "layer1.")):
             param.requires_grad_(False)
+
+
+def inference_macs(model: nn.Module, height: int, width: int) -> int:
+    """fvcore multiply-adds of one eval forward of ``model`` on an H x W image (one fused
+    multiply-add counts as one; see tools/analyze_model.py)."""
+    from analyze_model import flop_count
+
+    was_training = model.training
+    try:
+        return flop_count(model.eval(), height, width)["total"]
+    finally:
+        model.train(was_training)
+
+
+def load_weights_for_case(model: nn.Module, path: str) -> nn.Module:
+    """Give ``model`` the weights saved at ``path`` without holding a second copy: the file is
+    memory-mapped and its tensors become the parameters (the initial ones are freed), so the
+    measured peak is the case's, not the loading's."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def save_weights_for_case(model: nn.Module, path: str) -> str:
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def pair_peak_memory(module: str, reference: nn.Module, ours: nn.Module, *, size: int,
+                     infer_batch: int, train_batch: int, threads: int = 0,
+                     **case_kwargs) -> Dict[str, Tuple[float, float]]:
+    """{"inference"|"train": (reference MB, our MB)}: four fresh processes, each running
+    ``module.memory_case(side, mode, size, batch, weights, **case_kwargs)`` with one side's
+    weights (saved here, so both processes hold the weights this process compared)."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = {"reference": save_weights_for_case(reference, os.path.join(tmp, "ref.pth")),
+                   "detector": save_weights_for_case(ours, os.path.join(tmp, "ours.pth"))}
+        for mode, batch in (("inference", infer_batch), ("train", train_batch)):
+            out[mode] = tuple(
+                peak_memory_mb(module, "memory_case",
+                               dict(side=side, mode=mode, size=size, batch=batch,
+                                    weights=weights[side], **case_kwargs), threads=threads)
+                for side in ("reference", "detector"))
+    return out
+
+
+MEMORY_RESULT_PREFIX = "PEAK_MEMORY_MB "
+
+
+def peak_memory_mb(module: str, function: str, kwargs: Dict, *, threads: int = 0,
+                   timeout: float = 1800) -> float:
+    """Peak memory (MB) of one case, measured in a fresh process so that nothing else this
+    process allocated counts: ``module.function(**kwargs)`` (a module of tools/) builds the
+    model(s) and returns the function to measure, which runs twice (the second training step
+    has optimizer state). On CPU the figure is the process's peak resident set size, read
+    after the case ran (``peak_rss_mb``: it includes the Python and torch runtime); on CUDA
+    ``torch.cuda.max_memory_allocated``. A failed case is a one-line
+    RuntimeError naming it."""
+    spec = json.dumps({"module": module, "function": function, "kwargs": kwargs,
+                       "threads": threads})
+    env = dict(os.environ)
+    tools_dir = os.path.dirname(os.path.abspath(__file__))
+    env["PYTHONPATH"] = os.pathsep.join(
+        [tools_dir, os.path.dirname(tools_dir)] + [p for p in [env.get("PYTHONPATH")] if p])
+    name = f"{module}.{function}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-case", spec],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"memory case {name} did not finish in {timeout:.0f} s") from None
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(MEMORY_RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory case {name} failed (exit {proc.returncode}): {last}")
+    return float(lines[-1][len(MEMORY_RESULT_PREFIX):])
+
+
+def _run_memory_case(spec: Dict) -> float:
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    run = getattr(importlib.import_module(spec["module"]), spec["function"])(**spec["kwargs"])
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        run()
+    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size. Linux's ru_maxrss also keeps the peak of the
+    process image before exec, i.e. of the (large) benchmark process this one was forked from;
+    VmHWM is the peak of this program alone, so it is read where it exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # kilobytes on Linux, bytes on macOS
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="peak memory of one benchmark case")
+    parser.add_argument("--memory-case", required=True, help="json: module, function, kwargs")
+    case = json.loads(parser.parse_args().memory_case)
+    print(f"{MEMORY_RESULT_PREFIX}{_run_memory_case(case):.1f}")

@@ -20,6 +20,12 @@ import torch
 
 from benchmark_common import (
     add_timing_args,
+    detail_rows,
+    inference_macs,
+    infer_fn,
+    load_weights_for_case,
+    pair_peak_memory,
+    phase_ms,
     print_rows,
     profile,
     speed_rows,
@@ -36,19 +42,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 90
 
 
-def build_pair(variant: int, size: int, seed: int = 0, opts=()):
-    """effdet's tf_efficientdet_d<variant> with random weights and ours holding the same."""
+def _effdet_model(variant: int, size: int):
     import effdet
 
-    torch.manual_seed(seed)
-    theirs = effdet.create_model(f"tf_efficientdet_d{variant}", pretrained=False,
-                                 pretrained_backbone=False, image_size=(size, size))
+    return effdet.create_model(f"tf_efficientdet_d{variant}", pretrained=False,
+                               pretrained_backbone=False, image_size=(size, size))
+
+
+def _our_config(variant: int, opts=()):
     cfg = get_cfg()
     cfg.merge_from_file(os.path.join(ROOT, "configs", "efficientdet",
                                      f"EfficientDet-D{variant}.yaml"))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.EFFICIENTDET.NUM_CLASSES",
                          str(NUM_CLASSES), *opts])
-    ours = build_model(cfg)
+    return cfg
+
+
+def _our_model(variant: int, opts=()):
+    return build_model(_our_config(variant, opts))
+
+
+def build_pair(variant: int, size: int, seed: int = 0, opts=()):
+    """effdet's tf_efficientdet_d<variant> with random weights and ours holding the same."""
+    torch.manual_seed(seed)
+    theirs = _effdet_model(variant, size)
+    ours = _our_model(variant, opts)
     ours.load_state_dict(convert_effdet_state_dict(theirs.state_dict(), ours.state_dict()))
     return theirs, ours
 
@@ -71,6 +89,40 @@ def make_inputs(batch: int, size: int, seed: int = 1):
               "cls": torch.stack(labels) + 1,
               "img_scale": torch.ones(batch), "img_size": torch.tensor([[size, size]] * batch)}
     return images, ours, target
+
+
+def memory_case(side: str, mode: str, size: int, batch: int, weights: str, variant: int = 0,
+                opts=()):
+    """One side alone ("reference": effdet's model in its benches, or "detector") holding the
+    weights saved at ``weights``, and the function running its ``mode`` ("inference" or
+    "train") as the timing does, for ``benchmark_common.peak_memory_mb``."""
+    from effdet.bench import DetBenchPredict, DetBenchTrain
+
+    model = _effdet_model(variant, size) if side == "reference" else _our_model(variant, opts)
+    load_weights_for_case(model, weights)
+    images, our_inputs, target = make_inputs(batch, size)
+    if side == "detector":
+        if mode == "inference":
+            return infer_fn(model.eval(), [{k: v for k, v in d.items() if k != "instances"}
+                                           for d in our_inputs])
+        optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-6, momentum=0.9)
+        return train_step(optimizer, lambda: model(our_inputs))
+    # effdet takes the batch normalised as ours normalises it (``normalized``)
+    cfg = _our_config(variant, opts)
+    pixel_mean = torch.tensor(cfg.MODEL.PIXEL_MEAN).view(3, 1, 1)
+    pixel_std = torch.tensor(cfg.MODEL.PIXEL_STD).view(3, 1, 1)
+    x = torch.stack([(im.float() - pixel_mean) / pixel_std for im in images])
+    if mode == "inference":
+        predict = DetBenchPredict(model).eval()
+        info = {k: v for k, v in target.items() if k in ("img_scale", "img_size")}
+
+        def run():
+            with torch.no_grad():
+                predict(x, img_info=info)
+        return run
+    trainer = DetBenchTrain(model).train()
+    optimizer = torch.optim.SGD(trainer.parameters(), lr=1e-6, momentum=0.9)
+    return train_step(optimizer, lambda: trainer(x, target))
 
 
 def normalized(model, images):
@@ -175,6 +227,13 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
     train_seconds = time_pair(step_theirs, step_ours, args.iters, args.warmup)
 
     rows = speed_rows(infer_seconds, bi, train_seconds, bt)
+    memory = None if getattr(args, "no_memory", False) else pair_peak_memory(
+        "benchmark_effdet", theirs, ours, size=args.size, infer_batch=bi, train_batch=bt,
+        threads=torch.get_num_threads(), variant=args.variant, opts=list(opts))
+    rows.update(detail_rows((phase_ms(step_theirs, args.iters), phase_ms(step_ours, args.iters)),
+                            inference_macs(ours, args.size, args.size),
+                            (rows["inference_ms_per_img"][0], rows["inference_ms_per_img"][1]),
+                            memory))
     labels = "effdet labels precomputed" if effdet_loader_labels else "both label in-step"
     print_rows(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, "
                f"train batch {bt} ({labels}), threads={torch.get_num_threads()}, median of "

@@ -29,7 +29,13 @@ from torch import nn
 
 from benchmark_common import (
     add_timing_args,
+    detail_rows,
     freeze_like_released_detection_weights,
+    inference_macs,
+    infer_fn,
+    load_weights_for_case,
+    pair_peak_memory,
+    phase_ms,
     print_rows,
     profile,
     randomize_batchnorms,
@@ -78,23 +84,32 @@ def bias_class_logits(model: nn.Module) -> None:
         bias[1:1 + BIASED_CLASSES] += 4.0
 
 
-def build_pair(size: int, *, seed: int = 0, opts: Sequence[str] = ()):
-    """torchvision's maskrcnn_resnet50_fpn (91 classes, random weights, biased class logits, see
-    the module docstring) and ours holding the same weights."""
-    from torchvision.models.detection import maskrcnn_resnet50_fpn
-
+def _our_config(opts: Sequence[str] = ()):
     cfg = get_cfg()
     cfg.merge_from_file(TV_CONFIG)
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.WEIGHTS", "",
                          "MODEL.ROI_HEADS.NUM_CLASSES", str(NUM_CLASSES - 1),
                          "TEST.DETECTIONS_PER_IMAGE", str(DETECTIONS_PER_IMAGE), *opts])
+    return cfg
+
+
+def _torchvision_model(size: int, cfg):
+    from torchvision.models.detection import maskrcnn_resnet50_fpn
+
+    return maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
+                                 min_size=size, max_size=size,
+                                 box_detections_per_img=DETECTIONS_PER_IMAGE,
+                                 # our normalisation of 0-255 pixels: both see the same input
+                                 image_mean=list(cfg.MODEL.PIXEL_MEAN),
+                                 image_std=list(cfg.MODEL.PIXEL_STD))
+
+
+def build_pair(size: int, *, seed: int = 0, opts: Sequence[str] = ()):
+    """torchvision's maskrcnn_resnet50_fpn (91 classes, random weights, biased class logits, see
+    the module docstring) and ours holding the same weights."""
+    cfg = _our_config(opts)
     torch.manual_seed(seed)
-    tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES,
-                               min_size=size, max_size=size,
-                               box_detections_per_img=DETECTIONS_PER_IMAGE,
-                               # our normalisation of 0-255 pixels: both see the same input
-                               image_mean=list(cfg.MODEL.PIXEL_MEAN),
-                               image_std=list(cfg.MODEL.PIXEL_STD))
+    tv = _torchvision_model(size, cfg)
     randomize_statistics(tv, torch.Generator().manual_seed(seed + 1))
     bias_class_logits(tv)
     freeze_like_released_detection_weights(tv)
@@ -124,6 +139,28 @@ def make_inputs(batch: int, size: int, seed: int = 1):
         ours.append({"image": image.clone(), "height": size, "width": size, "image_id": i,
                      "instances": inst})
     return images, tv_targets, ours
+
+
+def memory_case(side: str, mode: str, size: int, batch: int, weights: str, opts=()):
+    """One side alone ("reference" or "detector") holding the weights saved at ``weights``
+    (the compared ones: biased logits included) and the function running its ``mode``
+    ("inference" or "train"), for ``benchmark_common.peak_memory_mb``."""
+    cfg = _our_config(opts)
+    if side == "reference":
+        model = _torchvision_model(size, cfg)
+        freeze_like_released_detection_weights(model)
+    else:
+        model = build_model(cfg)
+    load_weights_for_case(model, weights)
+    images, tv_targets, our_inputs = make_inputs(batch, size)
+    if mode == "inference":
+        model.eval()
+        return infer_fn(model, images if side == "reference" else without_targets(our_inputs))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if side == "reference":
+        return train_step(optimizer, lambda: model(images, tv_targets))
+    return train_step(optimizer, lambda: model(our_inputs))
 
 
 def without_targets(inputs: List[dict]) -> List[dict]:
@@ -188,13 +225,7 @@ def run_maskrcnn(args, *, profile_ops: bool = False, opts: Sequence[str] = ()) -
         raise RuntimeError(f"Mask R-CNN outputs differ from torchvision's ({check}): a speed "
                            "comparison would be meaningless")
 
-    def infer(model, inputs):
-        def run():
-            with torch.no_grad():
-                model(inputs)
-        return run
-
-    infer_tv, infer_ours = infer(tv, images[:bi]), infer(ours, our_eval_inputs)
+    infer_tv, infer_ours = infer_fn(tv, images[:bi]), infer_fn(ours, our_eval_inputs)
     if profile_ops:
         profile("torchvision inference", infer_tv)
         profile("detector inference", infer_ours)
@@ -212,6 +243,13 @@ def run_maskrcnn(args, *, profile_ops: bool = False, opts: Sequence[str] = ()) -
     train_seconds = time_pair(step_tv, step_ours, args.iters, args.warmup)
 
     rows = speed_rows(infer_seconds, bi, train_seconds, bt)
+    memory = None if getattr(args, "no_memory", False) else pair_peak_memory(
+        "benchmark_maskrcnn", tv, ours, size=args.size, infer_batch=bi, train_batch=bt,
+        threads=torch.get_num_threads(), opts=list(opts))
+    rows.update(detail_rows((phase_ms(step_tv, args.iters), phase_ms(step_ours, args.iters)),
+                            inference_macs(ours, args.size, args.size),
+                            (rows["inference_ms_per_img"][0], rows["inference_ms_per_img"][1]),
+                            memory))
     print_rows(f"Mask R-CNN R-50-FPN, {args.size}x{args.size}, {DETECTIONS_PER_IMAGE} detections "
                f"per image, inference batch {bi}, train batch {bt}, "
                f"threads={torch.get_num_threads()}, median of {args.iters} alternating runs after "

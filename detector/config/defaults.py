@@ -503,6 +503,8 @@ _C.TEST.EVAL_PERIOD = 0
 _C.TEST.DETECTIONS_PER_IMAGE = 100
 # COCO evaluation backend: "pycocotools" or "faster_coco_eval" (also spelled "faster-coco-eval")
 _C.TEST.COCO_EVAL_BACKEND = "pycocotools"
+# First N images of DATASETS.TEST[0] drawn GT | prediction to TensorBoard at each evaluation; 0 = off
+_C.TEST.VIS_NUM_IMAGES = 4
 
 # ---------------------------------------------------------------------------
 # Distributed (multi-process) runs; read by tools/*.py before the processes start

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from detector.utils import comm
 
-__all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_on_dataset"]
+__all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_on_dataset", "inference_autocast"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class DatasetEvaluators(DatasetEvaluator):
         return results
 
 
-def _autocast(device: torch.device, enabled: bool):
+def inference_autocast(device: torch.device, enabled: bool):
+    """The autocast context of inference with AMP on ``device`` (a no-op when not ``enabled``)."""
     if not enabled:
         return contextlib.nullcontext()
     # fp16 on CUDA, bf16 on CPU (CPU autocast has no fp16 kernels for most ops)
@@ -120,7 +121,7 @@ def inference_on_dataset(model: nn.Module, data_loader, evaluator: Optional[Data
                     warmup_used = num_warmup
                 tic = time.perf_counter()
                 data_time += tic - data_start
-                with _autocast(device, amp):
+                with inference_autocast(device, amp):
                     outputs = model(inputs)
                 _synchronize_device(device)
                 toc = time.perf_counter()
