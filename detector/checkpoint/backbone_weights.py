@@ -4,7 +4,8 @@ Accepted files, recognised by their extension and contents:
 
 - ``.pth`` / ``.pt`` / ``.bin``: a torchvision ResNet (``conv1``, ``bn1``, ``layer1.0.conv1``,
   ``downsample.0/1``, ``fc``) or timm EfficientNet (``conv_stem``, ``bn1``, ``blocks.*``,
-  ``conv_head``, ``bn2``, ``classifier``) state dict, read with ``torch.load(weights_only=True)``.
+  ``conv_head``, ``bn2``, ``classifier``) or torchvision MobileNetV3 (``features.*``,
+  ``classifier.0/3``) state dict, read with ``torch.load(weights_only=True)``.
   A ``{"model": ...}`` / ``{"state_dict": ...}`` wrapper and a DDP ``module.`` prefix are removed.
 - ``.safetensors``: the same names (timm's hub files), read with the ``safetensors`` package.
 - ``.pkl``: detectron2's model-zoo format ``{"model": {name: ndarray}, "__author__": ...}``
@@ -15,8 +16,9 @@ Accepted files, recognised by their extension and contents:
   containers: any other global is refused, so nothing in the file is ever executed.
 
 Names are converted to torchvision's (ResNet) or timm's (EfficientNet) and matched against the
-backbone's own: our ResNet uses torchvision's names, the EfficientNet backbone holds timm's model
-as ``body``. Classifier tensors (``fc``, ``classifier``, ``conv_head``, ``bn2``) are dropped.
+backbone's own: our ResNet and MobileNetV3 use torchvision's names, the EfficientNet backbone
+holds timm's model as ``body``. Classifier tensors (``fc``, ``classifier``, ``conv_head``,
+``bn2``) are dropped.
 Norm tensors of a file's BatchNorm only go into BatchNorm-like layers of ours (BN, SyncBN,
 FrozenBN); Caffe2's affine-only norms get mean 0 and a variance that makes the layer the file's
 affine map. A shape mismatch is an error; missing and unused tensors are reported.
@@ -290,8 +292,9 @@ def _caffe2_to_torchvision(name: str) -> Optional[str]:
 
 
 # image-classifier parts that a feature backbone never has
-_CLASSIFIER = re.compile(r"(fc|classifier|linear)\.(weight|bias)|conv_head\.(weight|bias)"
-                         r"|bn2\." + _NORM_PARAM)
+# (torchvision's MobileNetV3 classifier is a Sequential: classifier.0 and classifier.3)
+_CLASSIFIER = re.compile(r"(fc|classifier|linear)(\.\d+)?\.(weight|bias)"
+                         r"|conv_head\.(weight|bias)|bn2\." + _NORM_PARAM)
 
 
 def _canonical_names(tensors: Dict[str, torch.Tensor], source: str, path: str

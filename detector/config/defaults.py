@@ -55,7 +55,8 @@ _C.MODEL.EVONORM.EPS = 1e-5
 # Backbone (bottom-up network producing c2..c5)
 # ---------------------------------------------------------------------------
 _C.MODEL.BACKBONE = CN()
-# Name in BACKBONE_REGISTRY (detector/modeling/backbone/build.py): "ResNet" or "TinyNet"
+# Name in BACKBONE_REGISTRY (detector/modeling/backbone/build.py): "ResNet", "TinyNet",
+# "EfficientNet" or "MobileNetV3"
 _C.MODEL.BACKBONE.NAME = "ResNet"
 # Freeze the stem (1) and the first N-1 stages; 0 trains everything
 _C.MODEL.BACKBONE.FREEZE_AT = 2
@@ -90,15 +91,21 @@ _C.MODEL.EFFICIENTNET.PADDING = ""
 # Stochastic depth (drop connect) rate of the MBConv blocks, growing linearly with depth
 _C.MODEL.EFFICIENTNET.DROP_PATH_RATE = 0.2
 
+_C.MODEL.MOBILENET = CN()
+# MobileNetV3 size "large" or "small" (backbone "MobileNetV3"; activations and SE fixed by it)
+_C.MODEL.MOBILENET.VARIANT = "large"
+# Channel multiplier of every MobileNetV3 layer (rounded to multiples of 8, as torchvision)
+_C.MODEL.MOBILENET.WIDTH_MULT = 1.0
+
 # ---------------------------------------------------------------------------
 # Neck (feature pyramid p<min>..p<max>)
 # ---------------------------------------------------------------------------
 _C.MODEL.NECK = CN()
-# Name in NECK_REGISTRY (detector/modeling/neck/build.py): "FPN"
+# Name in NECK_REGISTRY (detector/modeling/neck/build.py): "FPN", "BiFPN", "TwoWayFPN", "PConv"
 _C.MODEL.NECK.NAME = "FPN"
 # Channels of every pyramid level
 _C.MODEL.NECK.OUT_CHANNELS = 256
-# Norm of the neck's lateral and output convs (same names as MODEL.BACKBONE.NORM)
+# Norm of the neck's convs (same names as MODEL.BACKBONE.NORM; "SN" not for TwoWayFPN)
 _C.MODEL.NECK.NORM = ""
 # Lowest pyramid level (2 = stride 4)
 _C.MODEL.NECK.MIN_LEVEL = 3
@@ -127,6 +134,12 @@ _C.MODEL.BIFPN.REDUNDANT_BIAS = True
 _C.MODEL.BIFPN.NORM = "BN"
 # Activation before each BiFPN node conv: "swish", "relu" or "" (none)
 _C.MODEL.BIFPN.ACT = "swish"
+
+# Neck "PConv" (neck/pconv.py, SEPC's pyramid convolution); channels, norm and levels are
+# MODEL.NECK's, as for "FPN" and "TwoWayFPN"
+_C.MODEL.PCONV = CN()
+# Stacked pyramid convolutions after the 1x1 input projections
+_C.MODEL.PCONV.NUM_CONVS = 4
 
 # ---------------------------------------------------------------------------
 # Anchors (keras-retinanet style: one base size per level x scales x ratios)

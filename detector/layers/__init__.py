@@ -1,5 +1,6 @@
 from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_norm
 from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
+from .fusion import FUSION_METHODS, NormalizedFusion
 from .norm import (
     EvoNormB0,
     EvoNormS0,
@@ -14,6 +15,7 @@ from .same_padding import PADDING_MODES, MaxPool2dPadded, check_padding_mode, co
 from .separable import (
     ACTIVATIONS,
     SeparableConv2d,
+    SeparableConvNormAct,
     check_layer_norm,
     glorot_uniform_,
     make_activation,
@@ -24,9 +26,11 @@ from .shape_spec import ShapeSpec
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
+    "FUSION_METHODS", "NormalizedFusion",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
     "replace_modules", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",
-    "ACTIVATIONS", "SeparableConv2d", "check_layer_norm", "glorot_uniform_", "make_activation",
+    "ACTIVATIONS", "SeparableConv2d", "SeparableConvNormAct", "check_layer_norm",
+    "glorot_uniform_", "make_activation",
     "variance_scaling_", "ShapeSpec",
 ]

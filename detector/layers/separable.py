@@ -10,7 +10,7 @@ from .build import NormSpec
 from .same_padding import conv2d_padded
 
 __all__ = ["ACTIVATIONS", "make_activation", "check_layer_norm", "SeparableConv2d",
-           "glorot_uniform_", "variance_scaling_"]
+           "SeparableConvNormAct", "glorot_uniform_", "variance_scaling_"]
 
 ACTIVATIONS = ("swish", "relu", "")
 
@@ -50,6 +50,33 @@ class SeparableConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv_pw(self.conv_dw(x))
+
+
+class SeparableConvNormAct(nn.Module):
+    """:class:`SeparableConv2d` -> norm -> activation, with the rules of
+    :func:`detector.layers.conv_norm_act`: the pointwise conv has a bias only without a norm
+    layer, and a norm-activation layer (EvoNorm) replaces norm + activation. Weight norms (SN)
+    are refused (see :func:`check_layer_norm`).
+
+    Args:
+        norm: a :class:`NormSpec`. activation: a module factory (``nn.ReLU``...) or None.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int = 3,
+                 norm: NormSpec, activation=nn.ReLU, padding_mode: str = "same"):
+        super().__init__()
+        check_layer_norm(norm)
+        self.norm = norm.layer(out_channels, activation=activation is not None)
+        self.conv = SeparableConv2d(in_channels, out_channels, kernel_size=kernel_size,
+                                    bias=self.norm is None, padding_mode=padding_mode)
+        fused = bool(getattr(self.norm, "applies_activation", False))
+        self.act = activation() if activation is not None and not fused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.act(x) if self.act is not None else x
 
 
 def _fans(weight: torch.Tensor, groups: int = 1):

@@ -21,7 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from detector.layers import (
+    FUSION_METHODS,
     MaxPool2dPadded,
+    NormalizedFusion,
     NormSpec,
     SeparableConv2d,
     ShapeSpec,
@@ -35,8 +37,6 @@ from detector.layers import (
 from .build import NECK_REGISTRY
 
 __all__ = ["BiFPNNeck", "BiFPN", "NormalizedFusion", "bifpn_graph", "FUSION_METHODS"]
-
-FUSION_METHODS = ("fast", "attn", "sum")
 
 
 def bifpn_graph(min_level: int, max_level: int) -> List[Tuple[str, int, List[str]]]:
@@ -56,38 +56,6 @@ def bifpn_graph(min_level: int, max_level: int) -> List[Tuple[str, int, List[str
         last[k] = name
         every[k].append(name)
     return nodes
-
-
-class NormalizedFusion(nn.Module):
-    """Weighted sum of same-shaped inputs: "fast" ``sum(relu(w_i) x_i) / (sum(relu(w)) + eps)``,
-    "attn" ``sum(softmax(w)_i x_i)``, "sum" ``sum(x_i)``. The weights are 1-D per-node scalars;
-    like norm parameters they get no weight decay (the optimizer treats "Norm" classes so)."""
-
-    def __init__(self, num_inputs: int, method: str = "fast", eps: float = 1e-4):
-        super().__init__()
-        if method not in FUSION_METHODS:
-            raise ValueError(f"MODEL.BIFPN.FUSION='{method}' is not one of {FUSION_METHODS}")
-        self.method = method
-        self.eps = eps
-        # effdet's name, so checkpoints convert by renaming only
-        self.edge_weights = nn.Parameter(torch.ones(num_inputs)) if method != "sum" else None
-
-    def forward(self, inputs: List[torch.Tensor]) -> torch.Tensor:
-        if self.edge_weights is None:
-            out = inputs[0]
-            for x in inputs[1:]:
-                out = out + x
-            return out
-        w = self.edge_weights.to(inputs[0].dtype)
-        if self.method == "fast":
-            w = F.relu(w)
-            w = w / (w.sum() + self.eps)
-        else:
-            w = torch.softmax(w, dim=0)
-        out = inputs[0] * w[0]
-        for i in range(1, len(inputs)):
-            out = torch.addcmul(out, inputs[i], w[i])  # one pass, no stacked copy
-        return out
 
 
 class Conv1x1Norm(nn.Sequential):
