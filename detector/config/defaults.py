@@ -416,6 +416,13 @@ _C.INPUT.MIN_SIZE_TEST = 576
 _C.INPUT.MAX_SIZE_TEST = 1066
 # Random flip at train time: "horizontal" or "none"
 _C.INPUT.RANDOM_FLIP = "horizontal"
+# Probability that a training batch gets two of its images scaled down and stitched into one
+# (side by side or top and bottom; detector/data/stitch.py); 0 = off
+_C.INPUT.STITCH = 0.0
+_C.INPUT.AUTOAUGMENT = CN()
+# Detection AutoAugment policy applied after the resize and flip at train time: "" (off), "v0"
+# (the paper's), "v1", "v2" or "v3" (Zoph et al. 2019; detector/data/autoaugment.py)
+_C.INPUT.AUTOAUGMENT.POLICY = ""
 
 # ---------------------------------------------------------------------------
 # Datasets (names registered in detector/data/datasets/builtin.py)

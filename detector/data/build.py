@@ -120,7 +120,8 @@ def build_detection_train_loader(cfg, mapper: Optional[Callable[[dict], dict]] =
     a batch holds only landscape or only portrait images. Each sample's augmentation draws from
     its global stream position (:mod:`detector.utils.seeding`), and the loader's
     ``state_dict`` is checkpointed, so a resumed run continues the stream exactly. Images that
-    fail to load are replaced, logged and counted (see :class:`TrainingSamples`)."""
+    fail to load are replaced, logged and counted (see :class:`TrainingSamples`). With
+    INPUT.STITCH > 0 batches are stitched (:mod:`detector.data.stitch`)."""
     dataset_dicts = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
@@ -138,7 +139,7 @@ def build_detection_train_loader(cfg, mapper: Optional[Callable[[dict], dict]] =
                 len(dataset_dicts), list(cfg.DATASETS.TRAIN), batch_size,
                 cfg.DATALOADER.NUM_WORKERS)
     return TrainingDataLoader(samples, batch_sampler, num_workers=cfg.DATALOADER.NUM_WORKERS,
-                              worker_init_fn=_seed_worker)
+                              worker_init_fn=_seed_worker, stitch_prob=cfg.INPUT.STITCH)
 
 
 def build_detection_test_loader(cfg, dataset_name: str,

@@ -13,6 +13,7 @@ import torch.utils.data as torchdata
 from detector.utils import seeding
 
 from .dataset_mapper import ImageLoadError
+from .stitch import stitch_batch
 
 __all__ = ["DatasetFromList", "MapDataset", "TrainingSamples", "TrainingDataLoader", "DataLoader",
            "unwrap_worker_error"]
@@ -123,10 +124,15 @@ class TrainingDataLoader:
     :meth:`state_dict` is the schedule's state after the last batch *handed out* (not after the
     last one prefetched), so a checkpoint of it resumes exactly after the batches trained on.
     Replaced images (see :class:`TrainingSamples`) are logged as warnings and counted in
-    ``num_skipped``."""
+    ``num_skipped``. With ``stitch_prob`` > 0 each batch goes through
+    :func:`~detector.data.stitch.stitch_batch`, drawing from ``seeding.batch_rng`` of the
+    batch's first stream position, so a resumed run stitches alike."""
 
     def __init__(self, samples: TrainingSamples, batch_sampler, *, num_workers: int,
-                 worker_init_fn=None):
+                 worker_init_fn=None, stitch_prob: float = 0.0):
+        if not 0.0 <= stitch_prob <= 1.0:
+            raise ValueError(f"INPUT.STITCH must be a probability in [0, 1], got {stitch_prob}")
+        self.stitch_prob = float(stitch_prob)
         self.samples = samples
         self.batch_sampler = batch_sampler
         self.num_workers = int(num_workers)
@@ -151,7 +157,7 @@ class TrainingDataLoader:
 
         def index_batches():
             for batch, state in self.batch_sampler:
-                pending_states.append(state)
+                pending_states.append((state, batch[0][0]))  # the first sample's position
                 yield batch
 
         # the workers' base seed comes from this generator, not from torch's global one
@@ -160,13 +166,17 @@ class TrainingDataLoader:
                             num_workers=self.num_workers, collate_fn=_collate_samples,
                             worker_init_fn=self.worker_init_fn, generator=generator)
         for batch in loader:
-            self._state = pending_states.popleft()
+            self._state, first_position = pending_states.popleft()
             for _, failures in batch:
                 for message in failures:
                     self.num_skipped += 1
                     logger.warning("Skipping training image (%d skipped so far; a random other "
                                    "image takes its place): %s", self.num_skipped, message)
-            yield [mapped for mapped, _ in batch]
+            mapped = [m for m, _ in batch]
+            if self.stitch_prob > 0:
+                rng = seeding.batch_rng(self.samples.seed, first_position)
+                mapped = stitch_batch(mapped, rng, self.stitch_prob)
+            yield mapped
 
 
 # torch's ExceptionWrapper.reraise: "Caught <Type> in DataLoader worker process <N>.\nOriginal

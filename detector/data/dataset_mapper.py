@@ -150,7 +150,12 @@ class DatasetMapper:
         image = read_image(file_name, self.image_format)
         self._check_size(dataset_dict, image)
         orig_h, orig_w = image.shape[:2]
-        image, transforms = apply_augmentations(self.augmentations, image, self._rng)
+        boxes = None  # box-aware augmentations (AutoAugment) see the boxes of kept annotations
+        if any(getattr(aug, "needs_boxes", False) for aug in self.augmentations):
+            boxes = np.array([a["bbox"] for a in dataset_dict.get("annotations", [])
+                              if self.keep_crowd or not a.get("iscrowd", 0)],
+                             dtype=np.float64).reshape(-1, 4)
+        image, transforms = apply_augmentations(self.augmentations, image, self._rng, boxes)
         out = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "height": int(orig_h),

@@ -9,7 +9,7 @@ there, with their ``apply_image`` / ``apply_box`` / ``apply_coords`` / ``apply_s
 Images are uint8 numpy arrays (H, W, C); boxes are float (N, 4) absolute XYXY arrays; polygons are
 float (k, 2) arrays of (x, y); segmentations are (H, W) label maps or (H, W, N) stacks of masks."""
 from abc import ABC, abstractmethod
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from fvcore.transforms import CropTransform as _FvcoreCropTransform
@@ -216,20 +216,36 @@ class RandomFlip(Augmentation):
 
 
 def apply_augmentations(
-    augmentations: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator
+    augmentations: Sequence[Augmentation], image: np.ndarray, rng: np.random.Generator,
+    boxes: Optional[np.ndarray] = None,
 ) -> Tuple[np.ndarray, TransformList]:
-    """Sample and apply each augmentation in turn (each sees the previous one's output)."""
+    """Sample and apply each augmentation in turn (each sees the previous one's output).
+
+    An augmentation with ``needs_boxes = True`` (AutoAugment's box operations) is called as
+    ``get_transform(image, rng, boxes=...)`` with ``boxes`` (N, 4) XYXY of the input image as
+    the earlier transforms moved them, clipped to the image; without ``boxes`` it is an error."""
     transforms = []
     for aug in augmentations:
-        t = aug.get_transform(image, rng)
+        if getattr(aug, "needs_boxes", False):
+            if boxes is None:
+                raise ValueError(f"{aug!r} needs the image's boxes: pass boxes= to "
+                                 f"apply_augmentations")
+            t = aug.get_transform(image, rng, boxes=boxes)
+        else:
+            t = aug.get_transform(image, rng)
         image = t.apply_image(image)
+        if boxes is not None:
+            boxes = t.apply_box(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+            h, w = image.shape[:2]
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, h)
         transforms.append(t)
     return image, TransformList(transforms)
 
 
 def build_augmentation(cfg, is_train: bool) -> List[Augmentation]:
-    """Training: INPUT.RESIZE_MODE_TRAIN resizing, then INPUT.RANDOM_FLIP. Test:
-    INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST resizing."""
+    """Training: INPUT.RESIZE_MODE_TRAIN resizing, then INPUT.RANDOM_FLIP, then the
+    INPUT.AUTOAUGMENT.POLICY ("" = none). Test: INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST resizing."""
     if is_train:
         mode = cfg.INPUT.RESIZE_MODE_TRAIN
         if mode == "shortest_edge":
@@ -246,5 +262,10 @@ def build_augmentation(cfg, is_train: bool) -> List[Augmentation]:
             augs.append(RandomFlip(prob=0.5, horizontal=True))
         elif flip != "none":
             raise ValueError(f"INPUT.RANDOM_FLIP must be 'horizontal' or 'none', got {flip!r}")
+        policy = cfg.INPUT.AUTOAUGMENT.POLICY
+        if policy:
+            from .autoaugment import AutoAugment  # autoaugment builds on this module
+
+            augs.append(AutoAugment(policy))
         return augs
     return [ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
