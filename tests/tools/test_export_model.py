@@ -189,7 +189,9 @@ def test_detections_are_paired_by_class_and_box(capsys):
     assert "has no counterpart of its class" in out
 
 
-def test_bad_size_is_one_line(tmp_path):
+def test_bad_size_is_one_line(tmp_path, monkeypatch):
+    # the generated (square) check image, not the first coco128 image, whatever the environment
+    monkeypatch.delenv("DETECTOR_DATASETS", raising=False)
     config, opts = TINY_RETINANET
     with pytest.raises(SystemExit) as err:
         load_tool("export_model").main(["--config-file", os.path.join(ROOT, config), "--output",
