@@ -13,6 +13,8 @@ from detector.data.stitch import stitch_batch, stitch_pair, stitched_layout
 from detector.structures import BitMasks, Boxes, Instances, PolygonMasks
 from detector.utils import seeding
 
+from training_testutils import dense_losses_per_step
+
 BACKGROUND = 30
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255), (0, 255, 255)]
 
@@ -188,11 +190,6 @@ def one_thread():
 @pytest.mark.parametrize("opts", [("INPUT.STITCH", "0.5"), ("INPUT.AUTOAUGMENT.POLICY", "v0")],
                          ids=["stitch", "autoaugment"])
 def test_retinanet_loss_falls_with_the_augmentation(shapes_train, one_thread, opts):
-    from detector.engine.hooks import CallbackHook
-    from detector.engine.train_loop import SimpleTrainer
-    from detector.modeling import build_model
-    from detector.solver import build_optimizer
-
     cfg = _loader_cfg(shapes_train, *opts)
     cfg.merge_from_list([
         "INPUT.MIN_SIZE_TRAIN", "(64,)", "SOLVER.WARMUP_ITERS", "0",
@@ -205,19 +202,7 @@ def test_retinanet_loss_falls_with_the_augmentation(shapes_train, one_thread, op
         "MODEL.RETINANET.NUM_CONVS", "2", "MODEL.PIXEL_MEAN", "[127.5, 127.5, 127.5]",
         "MODEL.PIXEL_STD", "[64.0, 64.0, 64.0]", "SOLVER.OPTIMIZER", "AdamW",
         "SOLVER.BASE_LR", "0.003", "SOLVER.WEIGHT_DECAY", "0.0"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    losses = []
-
-    def record(trainer):
-        latest = trainer.storage.latest()
-        losses.append(latest["loss_cls"][0] + latest["loss_box_reg"][0])
-
-    trainer = SimpleTrainer(model, iter(build_detection_train_loader(cfg)),
-                            build_optimizer(cfg, model))
-    trainer.register_hooks([CallbackHook(after_step=record)])
-    trainer.train(0, 60)
+    losses = dense_losses_per_step(cfg, iter(build_detection_train_loader(cfg)), 60)
     assert len(losses) == 60 and np.isfinite(losses).all()
     first, last = np.mean(losses[:10]), np.mean(losses[-10:])
     assert last < 0.7 * first, (first, last, losses)

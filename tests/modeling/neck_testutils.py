@@ -1,17 +1,11 @@
 """A tiny RetinaNet trained for a few steps on the built-in shapes data, for the neck tests."""
-import itertools
-
 import torch
 
 from detector.config import get_cfg
-from detector.data.dataset_mapper import DatasetMapper
-from detector.data.datasets import generate_shapes_dataset, load_coco_json
-from detector.engine.hooks import CallbackHook
-from detector.engine.train_loop import SimpleTrainer
-from detector.modeling import build_model
-from detector.solver import build_optimizer
+from detector.data.datasets import generate_shapes_dataset
 
 from modeling_testutils import CONFIGS
+from training_testutils import dense_losses_per_step, mapped_batches
 
 
 def falling_loss_on_shapes(tmp_path, overrides: dict, steps: int = 60):
@@ -28,23 +22,8 @@ def falling_loss_on_shapes(tmp_path, overrides: dict, steps: int = 60):
         "SEED", "0"])
     for key, value in overrides.items():
         cfg.merge_from_list([key, value])
-    dataset = load_coco_json(json_file, str(tmp_path / "images"))
-    mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
-    mapped = [mapper(d) for d in dataset]
+    mapped, batches = mapped_batches(cfg, json_file, str(tmp_path / "images"))
     assert sum(len(x["instances"]) for x in mapped) >= 16
-    batches = [mapped[i:i + 8] for i in (0, 8)]
-
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    losses = []
-
-    def record(trainer):
-        latest = trainer.storage.latest()
-        losses.append(latest["loss_cls"][0] + latest["loss_box_reg"][0])
-
-    trainer = SimpleTrainer(model, itertools.cycle(batches), build_optimizer(cfg, model))
-    trainer.register_hooks([CallbackHook(after_step=record)])
-    trainer.train(0, steps)
+    losses = dense_losses_per_step(cfg, batches, steps)
     assert len(losses) == steps and all(torch.isfinite(torch.tensor(losses)))
     return sum(losses[:5]) / 5, sum(losses[-5:]) / 5, losses

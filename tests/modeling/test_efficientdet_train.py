@@ -1,18 +1,13 @@
 """A tiny EfficientDet (configs/efficientdet/EfficientDet-tiny-shapes.yaml, narrowed) learns the
 synthetic shapes: its loss halves within 30 steps."""
-import itertools
 
 import torch
 
 from detector.config import get_cfg
-from detector.data.dataset_mapper import DatasetMapper
-from detector.data.datasets import generate_shapes_dataset, load_coco_json
-from detector.engine.hooks import CallbackHook
-from detector.engine.train_loop import SimpleTrainer
-from detector.modeling import build_model
-from detector.solver import build_optimizer
+from detector.data.datasets import generate_shapes_dataset
 
 from modeling_testutils import CONFIGS
+from training_testutils import dense_losses_per_step, mapped_batches
 
 
 def test_tiny_efficientdet_loss_falls_on_shapes(tmp_path):
@@ -24,24 +19,9 @@ def test_tiny_efficientdet_loss_falls_on_shapes(tmp_path):
         "MODEL.EFFICIENTDET.NUM_HEAD_CONVS", "2", "MODEL.TINYNET.CHANNELS", "[8, 16, 32, 48, 64]",
         "SOLVER.OPTIMIZER", "AdamW", "SOLVER.BASE_LR", "0.003", "SOLVER.WEIGHT_DECAY", "0.0",
         "SEED", "0"])
-    dataset = load_coco_json(json_file, str(tmp_path / "images"))
-    mapper = DatasetMapper(**DatasetMapper.from_config(cfg, is_train=True))
-    mapped = [mapper(d) for d in dataset]
-    batches = [mapped[i:i + 8] for i in (0, 8)]
+    mapped, batches = mapped_batches(cfg, json_file, str(tmp_path / "images"))
     assert sum(len(x["instances"]) for x in mapped) >= 16
-
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    losses = []
-
-    def record(trainer):
-        latest = trainer.storage.latest()
-        losses.append(latest["loss_cls"][0] + latest["loss_box_reg"][0])
-
-    trainer = SimpleTrainer(model, itertools.cycle(batches), build_optimizer(cfg, model))
-    trainer.register_hooks([CallbackHook(after_step=record)])
-    trainer.train(0, 30)
+    losses = dense_losses_per_step(cfg, batches, 30)
     assert len(losses) == 30 and all(torch.isfinite(torch.tensor(losses)))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last, losses)
