@@ -46,7 +46,9 @@ from benchmark_common import (
     print_rows,
     speed_rows,
     time_pair,
+    torchvision_style_case,
     train_step,
+    without_instances,
     write_json,
 )
 from detector.checkpoint.torchvision_retinanet import convert_torchvision_retinanet_state_dict  # noqa
@@ -95,19 +97,7 @@ def memory_case(side, mode, size, batch, weights):
     what ``benchmark_common.peak_memory_mb`` measures in a fresh process."""
     model = build_reference(size) if side == "reference" else build_model(_tv_config(91))
     load_weights_for_case(model, weights)
-    images, tv_targets, our_inputs = make_inputs(batch, size)
-    if mode == "inference":
-        model.eval()
-        return infer_fn(model, images if side == "reference" else without_instances(our_inputs))
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    if side == "reference":
-        return train_step(optimizer, lambda: model(images, tv_targets))
-    return train_step(optimizer, lambda: model(our_inputs))
-
-
-def without_instances(inputs):
-    return [{k: v for k, v in d.items() if k != "instances"} for d in inputs]
+    return torchvision_style_case(model, side, mode, *make_inputs(batch, size))
 
 
 def make_inputs(batch, size, seed=1):

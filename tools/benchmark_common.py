@@ -92,6 +92,26 @@ def infer_fn(model: nn.Module, inputs) -> Callable[[], None]:
     return run
 
 
+def without_instances(inputs: List[dict]) -> List[dict]:
+    """Our model inputs without their ground truth (for inference)."""
+    return [{k: v for k, v in d.items() if k != "instances"} for d in inputs]
+
+
+def torchvision_style_case(model: nn.Module, side: str, mode: str, images, tv_targets,
+                           our_inputs) -> Callable[[], object]:
+    """What a memory case of a torchvision comparison runs: inference (``mode``
+    "inference") or one SGD step of torchvision's model (``side`` "reference", on ``images``
+    and ``tv_targets``) or of ours (on ``our_inputs``)."""
+    if mode == "inference":
+        model.eval()
+        return infer_fn(model, images if side == "reference" else without_instances(our_inputs))
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    if side == "reference":
+        return train_step(optimizer, lambda: model(images, tv_targets))
+    return train_step(optimizer, lambda: model(our_inputs))
+
+
 def profile(name: str, fn: Callable, rows: int = 25) -> None:
     """Print the ops of one call of ``fn`` that take the most CPU time."""
     from torch.profiler import ProfilerActivity, profile as torch_profile

@@ -31,6 +31,7 @@ from benchmark_common import (
     speed_rows,
     time_pair,
     train_step,
+    without_instances,
     write_json,
 )
 from detector.checkpoint.effdet_convert import convert_effdet_state_dict
@@ -103,8 +104,7 @@ def memory_case(side: str, mode: str, size: int, batch: int, weights: str, varia
     images, our_inputs, target = make_inputs(batch, size)
     if side == "detector":
         if mode == "inference":
-            return infer_fn(model.eval(), [{k: v for k, v in d.items() if k != "instances"}
-                                           for d in our_inputs])
+            return infer_fn(model.eval(), without_instances(our_inputs))
         optimizer = torch.optim.SGD(model.train().parameters(), lr=1e-6, momentum=0.9)
         return train_step(optimizer, lambda: model(our_inputs))
     # effdet takes the batch normalised as ours normalises it (``normalized``)

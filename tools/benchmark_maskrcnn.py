@@ -41,7 +41,9 @@ from benchmark_common import (
     randomize_batchnorms,
     speed_rows,
     time_pair,
+    torchvision_style_case,
     train_step,
+    without_instances,
     write_json,
 )
 from detector.checkpoint.torchvision_maskrcnn import convert_torchvision_maskrcnn_state_dict
@@ -152,19 +154,7 @@ def memory_case(side: str, mode: str, size: int, batch: int, weights: str, opts=
     else:
         model = build_model(cfg)
     load_weights_for_case(model, weights)
-    images, tv_targets, our_inputs = make_inputs(batch, size)
-    if mode == "inference":
-        model.eval()
-        return infer_fn(model, images if side == "reference" else without_targets(our_inputs))
-    model.train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    if side == "reference":
-        return train_step(optimizer, lambda: model(images, tv_targets))
-    return train_step(optimizer, lambda: model(our_inputs))
-
-
-def without_targets(inputs: List[dict]) -> List[dict]:
-    return [{k: v for k, v in d.items() if k != "instances"} for d in inputs]
+    return torchvision_style_case(model, side, mode, *make_inputs(batch, size))
 
 
 def _order(boxes, scores, labels) -> List[int]:
@@ -212,7 +202,7 @@ def run_maskrcnn(args, *, profile_ops: bool = False, opts: Sequence[str] = ()) -
     tv, ours = build_pair(args.size, opts=opts)
     bi, bt = args.infer_batch, args.train_batch
     images, tv_targets, our_inputs = make_inputs(max(bi, bt), args.size)
-    our_eval_inputs = without_targets(our_inputs[:bi])
+    our_eval_inputs = without_instances(our_inputs[:bi])
     tv.eval()
     ours.eval()
     with torch.no_grad():

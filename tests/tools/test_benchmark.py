@@ -12,6 +12,7 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 pytest.importorskip("effdet")
 import benchmark  # noqa: E402
+import benchmark_common  # noqa: E402
 import benchmark_maskrcnn  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def test_maskrcnn_comparison_catches_different_outputs():
     with torch.no_grad():
         ours.roi_heads.box_predictor.bbox_pred.bias.add_(0.5)
         check = benchmark_maskrcnn.compare_outputs(
-            tv(images), ours(benchmark_maskrcnn.without_targets(inputs)))
+            tv(images), ours(benchmark_common.without_instances(inputs)))
     assert not benchmark_maskrcnn.outputs_match(check)
 
 

@@ -126,6 +126,6 @@ class PConvNeck(nn.Module):
 
 @NECK_REGISTRY.register()
 def PConv(cfg, input_shape: Dict[str, ShapeSpec]) -> PConvNeck:
-    """PConv from ``MODEL.NECK`` (channels, norm, levels) and ``MODEL.PCONV.NUM_CONVS`` on top of the backbone features
-    described by ``input_shape``."""
+    """PConv from ``MODEL.NECK`` (channels, norm, levels) and ``MODEL.PCONV.NUM_CONVS`` on top
+    of the backbone features described by ``input_shape``."""
     return PConvNeck(**PConvNeck.from_config(cfg, input_shape))
