@@ -85,10 +85,13 @@ class TrainingBatchSampler(Sampler):
                                                        generator=generator).numpy())
         return int(self._permutation[1][offset])
 
+    def _state(self, position: int, buckets: List[List[Sample]]) -> dict:
+        return {"seed": self.seed, "position": position,
+                "buckets": [[list(s) for s in b] for b in buckets]}
+
     def state_dict(self) -> dict:
         """The state iteration starts from (set by :meth:`load_state_dict`)."""
-        return {"seed": self.seed, "position": self._start["position"],
-                "buckets": [[list(s) for s in b] for b in self._start["buckets"]]}
+        return self._state(self._start["position"], self._start["buckets"])
 
     def load_state_dict(self, state: dict) -> None:
         """Start from ``state`` (from a checkpoint); its seed replaces ours, its buckets may hold
@@ -126,9 +129,7 @@ class TrainingBatchSampler(Sampler):
                         full = bucket
                 batches.append(full[:self.batch_size])
                 del full[:self.batch_size]
-            state = {"seed": self.seed, "position": position,
-                     "buckets": [[list(s) for s in b] for b in buckets]}
-            yield batches[self.rank], state
+            yield batches[self.rank], self._state(position, buckets)
 
 
 class InferenceSampler(Sampler):
