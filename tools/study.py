@@ -16,10 +16,19 @@ comparison: results.md (table), results.json, loss.png (loss curves) and ap.png 
     python tools/study.py --output-dir out/norms --config-file ... --run bn ... --run gn ... \\
         --seeds 1 2 3 --skip-train --size 256 256
 
-Grammar: ``--run NAME [--config-file FILE] [KEY VALUE ...]`` starts a run; its KEY VALUE overrides
-continue up to the next token beginning with "--" (so no value may begin with "--"). A run without
-its own --config-file uses the one given outside any run. ``--common KEY VALUE ...`` overrides
-apply to every run before its own. The other options may come anywhere outside a run's overrides.
+    # runs that differ in processes or seeds: 4 images per process on 1 and on 3 processes,
+    # the baseline with 3 seeds
+    python tools/study.py --output-dir out/batch --config-file ... \\
+        --run base --run-seeds 1 2 3 SOLVER.IMS_PER_BATCH 4 \\
+        --run bn_4x1 SOLVER.IMS_PER_BATCH 4 MODEL.NECK.NORM BN \\
+        --run bn_4x3 --run-num-gpus 3 SOLVER.IMS_PER_BATCH 12 MODEL.NECK.NORM BN
+
+Grammar: ``--run NAME [--config-file FILE] [--run-num-gpus N] [--run-seeds K ...] [KEY VALUE ...]``
+starts a run; its KEY VALUE overrides continue up to the next token beginning with "--" (so no value
+may begin with "--"). A run's own --config-file, --run-num-gpus and --run-seeds may come anywhere
+among its overrides; a run without them uses --config-file, --num-gpus and --seeds given outside
+any run. ``--common KEY VALUE ...`` overrides apply to every run before its own. The other options
+may come anywhere outside a run's overrides.
 
 Each run trains in its own process, ``tools/train_net.py --resume --config-file FILE <common>
 <overrides> [SEED k] OUTPUT_DIR <output-dir>/runs/<name>[_seed<k>]``, its output appended to
@@ -84,6 +93,8 @@ class RunSpec:
     name: str
     config_file: str = ""
     overrides: List[str] = field(default_factory=list)
+    num_gpus: Optional[int] = None  # None: the study's --num-gpus
+    seeds: Optional[List[int]] = None  # None: the study's --seeds
 
 
 @dataclass
@@ -103,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="study.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         usage="study.py --output-dir DIR [--config-file FILE] [--common KEY VALUE ...] "
-              "--run NAME [--config-file FILE] [KEY VALUE ...] [--run ...] [--num-gpus N] "
+              "--run NAME [--config-file FILE] [--run-num-gpus N] [--run-seeds K ...] [KEY VALUE ...] "
+              "[--run ...] [--num-gpus N] "
               "[--seeds K ...] [--size H W] [--timing-iters N] [--skip-train] [--title T]")
     parser.add_argument("--output-dir", required=True, metavar="DIR",
                         help="study folder: results.md/json, loss.png, ap.png, runs/, logs/")
@@ -111,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="config of the runs that name none themselves")
     # --run and --common are split off before argparse sees the rest; listed here for --help
     parser.add_argument("--run", metavar="NAME",
-                        help="a run, then optionally --config-file FILE and KEY VALUE overrides")
+                        help="a run, then optionally its own --config-file FILE, --run-num-gpus N, "
+                             "--run-seeds K ... and KEY VALUE overrides")
     parser.add_argument("--common", metavar="KEY VALUE ...",
                         help="config overrides of every run (before the run's own)")
     parser.add_argument("--num-gpus", type=int, default=1,
@@ -158,11 +171,29 @@ def parse_study_args(argv: Sequence[str]) -> argparse.Namespace:
             while True:
                 values, i = _take_overrides(tokens, i)
                 run.overrides.extend(values)
-                if i < len(tokens) and tokens[i] == "--config-file":
+                option = tokens[i] if i < len(tokens) else None
+                if option == "--config-file":
                     if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
                         parser.error(f"run '{run.name}': --config-file needs a FILE")
                     run.config_file = tokens[i + 1]
                     i += 2
+                    continue
+                if option == "--run-num-gpus":
+                    values = tokens[i + 1:i + 2]
+                    if not values or not values[0].isdigit():
+                        parser.error(f"run '{run.name}': --run-num-gpus needs a number")
+                    run.num_gpus = int(values[0])
+                    i += 2
+                    continue
+                if option == "--run-seeds":
+                    i += 1
+                    seeds = []
+                    while i < len(tokens) and re.fullmatch(r"-?\d+", tokens[i]):
+                        seeds.append(int(tokens[i]))
+                        i += 1
+                    if not seeds:
+                        parser.error(f"run '{run.name}': --run-seeds needs at least one number")
+                    run.seeds = seeds
                     continue
                 break
             runs.append(run)
@@ -190,8 +221,12 @@ def parse_study_args(argv: Sequence[str]) -> argparse.Namespace:
         if not run.config_file:
             parser.error(f"run '{run.name}' has no --config-file (give one after its name or "
                          f"one for all runs)")
-    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
-        parser.error(f"--seeds are repeated: {' '.join(map(str, args.seeds))}")
+        run.num_gpus = args.num_gpus if run.num_gpus is None else run.num_gpus
+        run.seeds = args.seeds if run.seeds is None else run.seeds
+        if run.seeds is not None and len(set(run.seeds)) != len(run.seeds):
+            parser.error(f"--seeds are repeated: {' '.join(map(str, run.seeds))}")
+        if run.num_gpus < 1:
+            parser.error(f"run '{run.name}': --run-num-gpus must be at least 1")
     if args.num_gpus < 1 or args.timing_iters < 1:
         parser.error("--num-gpus and --timing-iters must be at least 1")
     if args.size is not None and min(args.size) <= 0:
@@ -204,7 +239,7 @@ def trials_of(args) -> List[Trial]:
     """Every (run, seed) of the study, in command-line order."""
     trials = []
     for run in args.runs:
-        for seed in (args.seeds or [None]):
+        for seed in (run.seeds or [None]):
             label = run.name if seed is None else f"{run.name}_seed{seed}"
             trials.append(Trial(run, seed, label, os.path.join(args.output_dir, "runs", label)))
     return trials
@@ -219,7 +254,8 @@ def trial_overrides(trial: Trial, common: Sequence[str]) -> List[str]:
 
 
 def trial_config(trial: Trial, common: Sequence[str], num_gpus: int = 1):
-    """The frozen config tools/train_net.py will build (and save as config.yaml) for ``trial``."""
+    """The frozen config tools/train_net.py will build (and save as config.yaml) for ``trial``
+    (``num_gpus``: the processes it trains on)."""
     cfg = get_cfg()
     try:
         cfg.merge_from_file(trial.run.config_file)
@@ -299,11 +335,11 @@ def final_evaluation(cfg, output_dir: str, num_gpus: int) -> Optional[Dict[str, 
     return found
 
 
-def train(trial: Trial, common: Sequence[str], num_gpus: int, log_dir: str) -> None:
+def train(trial: Trial, common: Sequence[str], log_dir: str) -> None:
     """Train (or continue) ``trial`` with tools/train_net.py in a child process."""
     os.makedirs(log_dir, exist_ok=True)
     log_path = os.path.join(log_dir, f"{trial.label}.txt")
-    command = ([sys.executable, TRAIN_SCRIPT, "--resume", "--num-gpus", str(num_gpus),
+    command = ([sys.executable, TRAIN_SCRIPT, "--resume", "--num-gpus", str(trial.run.num_gpus),
                 "--config-file", trial.run.config_file] + trial_overrides(trial, common))
     env = dict(os.environ)
     # the child imports the detector package next to this file, wherever it is started from
@@ -415,7 +451,7 @@ def collect(args, trials: List[Trial], configs: Dict[str, object], size) -> List
         seeds = []
         for trial in mine:
             cfg = configs[trial.label]
-            metrics = final_evaluation(cfg, trial.output_dir, args.num_gpus)
+            metrics = final_evaluation(cfg, trial.output_dir, run.num_gpus)
             seeds.append({"seed": trial.seed if trial.seed is not None else int(cfg.SEED),
                           "folder": os.path.relpath(trial.output_dir, args.output_dir),
                           **metrics, **read_log_times(trial.output_dir),
@@ -432,7 +468,8 @@ def collect(args, trials: List[Trial], configs: Dict[str, object], size) -> List
         for key in METRIC_COLUMNS:
             mean[key], std[key] = _mean_std([s.get(key) for s in seeds])
         rows.append({"name": run.name, "config_file": run.config_file,
-                     "overrides": list(run.overrides), "seeds": seeds, "mean": mean, "std": std,
+                     "overrides": list(run.overrides), "num_gpus": run.num_gpus,
+                     "seeds": seeds, "mean": mean, "std": std,
                      **measured})
     return rows
 
@@ -444,18 +481,18 @@ def run_study(args, argv: Sequence[str]) -> dict:
     # every config is read before any training: a typo fails in seconds, not after hours
     configs = {}
     for trial in trials:
-        configs[trial.label] = cfg = trial_config(trial, args.common, args.num_gpus)
+        configs[trial.label] = cfg = trial_config(trial, args.common, trial.run.num_gpus)
         check_same_config(trial, cfg)
     for trial in trials:
         cfg = configs[trial.label]
-        if final_evaluation(cfg, trial.output_dir, args.num_gpus) is not None:
+        if final_evaluation(cfg, trial.output_dir, trial.run.num_gpus) is not None:
             logger.info("reusing run %s (%s)", trial.label, trial.output_dir)
             continue
         if args.skip_train:
             raise StudyError(f"{trial.describe()} is not finished in {trial.output_dir} "
                              f"(no model_final.pth with its evaluation) and --skip-train is set")
-        train(trial, args.common, args.num_gpus, os.path.join(args.output_dir, "logs"))
-        if final_evaluation(cfg, trial.output_dir, args.num_gpus) is None:
+        train(trial, args.common, os.path.join(args.output_dir, "logs"))
+        if final_evaluation(cfg, trial.output_dir, trial.run.num_gpus) is None:
             raise StudyError(f"{trial.describe()}: training ended but {trial.output_dir} has no "
                              f"model_final.pth with the final evaluation in metrics.json")
     first_cfg = configs[trials[0].label]

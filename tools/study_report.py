@@ -45,11 +45,13 @@ def _table(header: List[str], rows: List[List[str]]) -> List[str]:
 
 def markdown(args, argv: Sequence[str], rows: List[dict], size) -> str:
     """results.md: the command, the table (mean ± std over seeds), per-seed values, the runs."""
-    seeded = args.seeds is not None and len(args.seeds) > 1
+    seeded = any(len(r["seeds"]) > 1 for r in rows)
     names = ["box AP", "AP50", "AP75", "APs", "APm", "APl", "train time", "train s/it",
              "eval s/img"]
-    header = ["run", "seeds"] + names + [f"inference ms/img {size[0]}x{size[1]}", "params"]
-    table = [[r["name"], str(len(r["seeds"]))] + _metric_cells(r["mean"], r["std"])
+    header = ["run", "processes", "seeds"] + names + [
+        f"inference ms/img {size[0]}x{size[1]}", "params"]
+    table = [[r["name"], str(r["num_gpus"]), str(len(r["seeds"]))]
+             + _metric_cells(r["mean"], r["std"])
              + [_number(r["inference_ms_per_img"], 1), f"{r['parameters'] / 1e6:.3f}M"]
              for r in rows]
     out = [f"# {args.title or 'Study'}", "", "Produced by:", "", "```",
@@ -60,7 +62,7 @@ def markdown(args, argv: Sequence[str], rows: List[dict], size) -> str:
             f"inference: median of {args.timing_iters} eval-mode forwards (batch 1, "
             "postprocessing included), "
             f"{torch.get_num_threads()} thread(s)."
-            + (" Values are mean ± sample std over seeds." if seeded else "")]
+            + (" Runs with several seeds: mean ± sample std over seeds." if seeded else "")]
     if seeded:
         per_seed = [[r["name"], str(s["seed"])] + _metric_cells(s, {}) for r in rows
                     for s in r["seeds"]]

@@ -83,6 +83,22 @@ def test_grammar_shared_config_and_folders(study, tmp_path):
     assert study.trial_overrides(unseeded[0], [])[-2:] == ["OUTPUT_DIR", unseeded[0].output_dir]
 
 
+def test_grammar_per_run_processes_and_seeds(study):
+    args = study.parse_study_args([
+        "--output-dir", "o", "--config-file", "c.yaml", "--num-gpus", "2", "--seeds", "7",
+        "--run", "base", "--run-seeds", "1", "2", "3", "A", "1",
+        "--run", "wide", "A", "2", "--run-num-gpus", "3", "B", "-1",
+        "--run", "plain",
+    ])
+    assert [(r.name, r.overrides, r.num_gpus, r.seeds) for r in args.runs] == [
+        ("base", ["A", "1"], 2, [1, 2, 3]),
+        ("wide", ["A", "2", "B", "-1"], 3, [7]),
+        ("plain", [], 2, [7]),
+    ]
+    assert [t.label for t in study.trials_of(args)] == [
+        "base_seed1", "base_seed2", "base_seed3", "wide_seed7", "plain_seed7"]
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--output-dir", "o", "--config-file", "c"], "no --run given"),
     (["--output-dir", "o", "--run", "a"], "run 'a' has no --config-file"),
@@ -93,6 +109,13 @@ def test_grammar_shared_config_and_folders(study, tmp_path):
     (["--output-dir", "o", "--config-file", "c", "--run", "a/b"], "names a folder"),
     (["--output-dir", "o", "--config-file", "c", "--run"], "--run needs a NAME"),
     (["--output-dir", "o", "--config-file", "c", "--run", "a", "--seeds", "1", "1"], "repeated"),
+    (["--output-dir", "o", "--config-file", "c", "--run", "a", "--run-seeds", "2", "2"],
+     "repeated"),
+    (["--output-dir", "o", "--config-file", "c", "--run", "a", "--run-seeds"], "--run-seeds needs"),
+    (["--output-dir", "o", "--config-file", "c", "--run", "a", "--run-num-gpus", "x"],
+     "--run-num-gpus needs a number"),
+    (["--output-dir", "o", "--config-file", "c", "--run", "a", "--run-num-gpus", "0"],
+     "--run-num-gpus must be at least 1"),
     (["--output-dir", "o", "--config-file", "c", "--run", "a", "--bogus"], "unrecognized"),
     (["--output-dir", "o", "--config-file", "c", "--run=a"], "with spaces, not '='"),
 ])
@@ -108,7 +131,7 @@ def test_help_shows_the_grammar(study, capsys):
     with pytest.raises(SystemExit):
         study.parse_study_args(["--help"])
     out = capsys.readouterr().out
-    assert "--run NAME [--config-file FILE] [KEY VALUE ...]" in out
+    assert "--run NAME [--config-file FILE] [--run-num-gpus N] [--run-seeds K ...] [KEY VALUE ...]" in out
     assert "--seeds 1 2 3" in out
 
 
@@ -197,13 +220,13 @@ def test_outputs_from_finished_runs(study, tmp_path):
     assert text.startswith("# Norms\n") and "python tools/study.py " + " ".join(argv[:4]) in text
     table = [line for line in text.splitlines() if line.startswith("| ")]
     header = [c.strip() for c in table[0].strip("|").split("|")]
-    assert header == ["run", "seeds", "box AP", "AP50", "AP75", "APs", "APm", "APl",
+    assert header == ["run", "processes", "seeds", "box AP", "AP50", "AP75", "APs", "APm", "APl",
                       "train time", "train s/it", "eval s/img", "inference ms/img 64x96",
                       "params"]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in table[1:3]}
-    assert rows["gn"][1:4] == ["2", "12.00 ± 2.83", "24.00 ± 5.66"] and rows["gn"][7] == "–"
-    assert rows["gn"][8] == "0:01:10 ± 7s" and rows["bn"][2] == "4.00 ± 1.41"
+    assert rows["gn"][1:5] == ["1", "2", "12.00 ± 2.83", "24.00 ± 5.66"] and rows["gn"][8] == "–"
+    assert rows["gn"][9] == "0:01:10 ± 7s" and rows["bn"][3] == "4.00 ± 1.41"
     assert "## Per seed" in text and "| gn | 1 | 10.00 |" in text and "| bn | 2 | 5.00 |" in text
     assert "`MODEL.RETINANET.NORM BN` (runs/bn_seed1, runs/bn_seed2)" in text
 
