@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
+__all__ = ["amp_context", "amp_fn", "conv_peak_gflops", "stage_breakdown", "print_breakdown",
+           "STAGES", "time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
            "detail_rows", "print_rows", "write_json", "add_timing_args", "randomize_batchnorms",
            "freeze_like_released_detection_weights", "inference_macs", "peak_memory_mb",
            "infer_fn", "load_weights_for_case", "save_weights_for_case", "pair_peak_memory"]
@@ -170,6 +171,8 @@ def write_json(path: str, results: Dict) -> None:
 
 def add_timing_args(parser: argparse.ArgumentParser) -> None:
     """The timing options every benchmark tool takes."""
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="where both implementations run")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--infer-batch", type=int, default=1)
@@ -178,6 +181,90 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="", help="write the figures to this file")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the peak-memory column (one fresh process per case)")
+
+
+def amp_context(device: torch.device, enabled: bool = True):
+    """The inference autocast both sides of an AMP comparison run under: bf16 on CPU, fp16 on
+    CUDA, as ``TEST.AMP.ENABLED`` (``detector.evaluation.evaluator.inference_autocast``)."""
+    from detector.evaluation.evaluator import inference_autocast
+
+    return inference_autocast(torch.device(device), enabled)
+
+
+def amp_fn(fn: Callable, device: torch.device) -> Callable[[], None]:
+    """``fn`` run under :func:`amp_context`."""
+    def run():
+        with amp_context(device):
+            fn()
+    return run
+
+
+def conv_peak_gflops(device="cpu", dtype: torch.dtype = torch.float32, iters: int = 20) -> float:
+    """GFLOP/s of one 256-channel 3x3 convolution on a (2, 256, 64, 64) channels-last input: the
+    rate this machine's convolutions reach at best, to which a network's rate is compared."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 256, 64, 64, generator=g).to(device=device, dtype=dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(256, 256, 3, 3, generator=g) * 0.02).to(device=device, dtype=dtype)
+    w = w.contiguous(memory_format=torch.channels_last)
+
+    def run():
+        with torch.no_grad():
+            nn.functional.conv2d(x, w, padding=1)
+        _synchronize()
+
+    seconds = statistics.median(_timed(run, iters, warmup=3))
+    return 2.0 * (2 * 256 * 256 * 9 * 64 * 64) / seconds / 1e9
+
+
+def _timed(fn: Callable, iters: int, warmup: int) -> List[float]:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+STAGES = ("preprocess", "network", "anchors", "matching", "loss", "postprocess")
+
+
+def stage_breakdown(fn: Callable, runs: int = 3) -> Dict[str, float]:
+    """Median ms per ``detector::<stage>`` profiler label (see ``DetectorBase.stage``) over
+    ``runs`` profiled calls of ``fn``, plus "total" (the call's wall time under the profiler) and
+    "other" (total minus the stages: reshapes between them, backward, optimizer step)."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    fn()
+    per_run = []
+    for _ in range(runs):
+        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            total = (time.perf_counter() - start) * 1000
+        times = {stage: 0.0 for stage in STAGES}
+        for event in prof.key_averages():
+            if event.key.startswith("detector::") and event.key[10:] in times:
+                times[event.key[10:]] += event.cpu_time_total / 1000
+        times["total"] = total
+        times["other"] = total - sum(times[s] for s in STAGES)
+        per_run.append(times)
+    return {k: statistics.median(r[k] for r in per_run) for k in per_run[0]}
+
+
+def print_breakdown(title: str, breakdowns: Dict[str, Dict[str, float]]) -> None:
+    """One column per mode ("inference", "train step"): ms and share of every stage."""
+    print(title)
+    modes = list(breakdowns)
+    print(f"{'stage':<14}" + "".join(f"{m + ' ms':>18}{'%':>7}" for m in modes))
+    for stage in STAGES + ("other", "total"):
+        cells = ""
+        for m in modes:
+            ms, total = breakdowns[m].get(stage, 0.0), breakdowns[m]["total"]
+            cells += f"{ms:>18.1f}{100 * ms / total:>7.1f}"
+        print(f"{stage:<14}{cells}")
 
 
 def randomize_batchnorms(modules, generator: torch.Generator) -> None:

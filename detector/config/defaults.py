@@ -25,6 +25,9 @@ _C.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
 _C.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
 # Pad batched images to a multiple of this; 0 = the largest pyramid stride
 _C.MODEL.SIZE_DIVISIBILITY = 0
+# Fold FrozenBN / eval-mode BN into the conv before it; one fused oneDNN conv + activation on CPU
+# where nothing is differentiated (inference, frozen stages). See detector/layers/fused_conv.py
+_C.MODEL.FUSE_CONV_NORM = True
 # Background anchors covered by a crowd region (INPUT.KEEP_CROWD) by at least this fraction of
 # their area are ignored in the loss; above 1 = never
 _C.MODEL.CROWD_IGNORE_FRACTION = 0.7
@@ -525,6 +528,10 @@ _C.TEST.DETECTIONS_PER_IMAGE = 100
 _C.TEST.COCO_EVAL_BACKEND = "pycocotools"
 # First N images of DATASETS.TEST[0] drawn GT | prediction to TensorBoard at each evaluation; 0 = off
 _C.TEST.VIS_NUM_IMAGES = 4
+_C.TEST.AMP = CN()
+# Inference (evaluation, DefaultPredictor) under autocast: bf16 on CPU, fp16 on CUDA; the
+# postprocessing stays float32. Independent of SOLVER.AMP (training)
+_C.TEST.AMP.ENABLED = False
 
 # ---------------------------------------------------------------------------
 # Distributed (multi-process) runs; read by tools/*.py before the processes start

@@ -309,7 +309,7 @@ class DefaultTrainer(TrainerBase):
             if isinstance(evaluator, (list, tuple)):
                 evaluator = DatasetEvaluators(evaluator)
             results[dataset_name] = inference_on_dataset(
-                model, data_loader, evaluator, amp=cfg.SOLVER.AMP.ENABLED
+                model, data_loader, evaluator, amp=cfg.TEST.AMP.ENABLED
             )
             if comm.is_main_process():
                 logger.info("Evaluation results for %s: %s", dataset_name,

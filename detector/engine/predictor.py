@@ -39,7 +39,7 @@ class DefaultPredictor:
         mapper_kwargs = DatasetMapper.from_config(self.cfg, is_train=False)
         self.augmentations = mapper_kwargs["augmentations"]
         self.input_format = mapper_kwargs["image_format"]
-        self.amp = bool(self.cfg.SOLVER.AMP.ENABLED)
+        self.amp = bool(self.cfg.TEST.AMP.ENABLED)
         logging.getLogger("detector").info(
             "DefaultPredictor: %s with weights %s, input format %s",
             self.cfg.MODEL.META_ARCHITECTURE, self.cfg.MODEL.WEIGHTS, self.input_format)

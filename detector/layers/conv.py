@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from .build import NormSpec
+from .fused_conv import fused_conv_norm_act
 
 __all__ = ["ConvNormAct", "conv_norm_act", "ConvNormActLayers", "as_norm_spec"]
 
@@ -122,10 +123,15 @@ class ConvNormAct(nn.Sequential):
         if not self.external_norm:
             if norm is not None:
                 raise ValueError("ConvNormAct holds its own norm layer; do not pass one")
-            return super().forward(x)
-        if norm is None and self.norm_spec.adds_layer:
+            norm = self.norm
+        elif norm is None and self.norm_spec.adds_layer:
             raise ValueError(f"ConvNormAct was built without its '{self.norm_spec.name}' layer "
                              "(build_norm=False): pass the caller-owned norm to forward")
+        fused = fused_conv_norm_act(x, self.conv, norm, self[-1] if self._has_act else None)
+        if fused is not None:
+            return fused
+        if not self.external_norm:
+            return super().forward(x)
         x = self.conv(x)
         if norm is not None:
             x = norm(x)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .build import NormSpec
+from .fused_conv import fused_conv_norm_act, fusion_enabled
 from .same_padding import conv2d_padded
 
 __all__ = ["ACTIVATIONS", "make_activation", "check_layer_norm", "SeparableConv2d",
@@ -48,8 +49,19 @@ class SeparableConv2d(nn.Module):
         self.conv_pw = conv2d_padded(in_channels, out_channels, 1, bias=bias,
                                      padding_mode=padding_mode)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv_pw(self.conv_dw(x))
+    def forward(self, x: torch.Tensor, norm: Optional[nn.Module] = None,
+                activation: Optional[nn.Module] = None) -> torch.Tensor:
+        """``activation(norm(conv_pw(conv_dw(x))))``; ``norm`` and ``activation`` (optional)
+        belong to the caller. Folded into two convs where :mod:`.fused_conv` applies."""
+        if fusion_enabled():
+            y = fused_conv_norm_act(x, self.conv_dw)
+            y = None if y is None else fused_conv_norm_act(y, self.conv_pw, norm, activation)
+            if y is not None:
+                return y
+        x = self.conv_pw(self.conv_dw(x))
+        if norm is not None:
+            x = norm(x)
+        return activation(x) if activation is not None else x
 
 
 class SeparableConvNormAct(nn.Module):
@@ -73,10 +85,7 @@ class SeparableConvNormAct(nn.Module):
         self.act = activation() if activation is not None and not fused else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv(x)
-        if self.norm is not None:
-            x = self.norm(x)
-        return self.act(x) if self.act is not None else x
+        return self.conv(x, self.norm, self.act)
 
 
 def _fans(weight: torch.Tensor, groups: int = 1):

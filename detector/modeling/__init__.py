@@ -27,6 +27,7 @@ from .postprocessing import (
     efficientdet_inference,
     paste_masks_in_image,
     rescale_detections,
+    retinanet_inference,
     retinanet_inference_single_image,
 )
 
@@ -35,7 +36,8 @@ __all__ = [
     "build_backbone", "BoxCoder", "DENSE_HEAD_REGISTRY", "EfficientDetHead", "RetinaNetHead",
     "build_dense_head", "efficientdet_losses", "retinanet_losses", "Matcher", "META_ARCH_REGISTRY",
     "DenseDetector", "EfficientDet", "RetinaNet", "build_model", "NECK_REGISTRY", "build_neck",
-    "efficientdet_inference", "rescale_detections", "retinanet_inference_single_image",
+    "efficientdet_inference", "rescale_detections", "retinanet_inference",
+    "retinanet_inference_single_image",
     "PROPOSAL_GENERATOR_REGISTRY", "RPN", "build_proposal_generator", "StandardRPNHead",
     "rpn_losses", "ROI_HEADS_REGISTRY", "ROI_BOX_HEAD_REGISTRY", "ROI_MASK_HEAD_REGISTRY",
     "ROIPooler", "StandardROIHeads", "build_roi_heads", "paste_masks_in_image",

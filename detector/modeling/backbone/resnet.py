@@ -13,7 +13,14 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from detector.layers import NormSpec, as_norm_spec, conv_norm_act, convert_frozen_batchnorm
+from detector.layers import (
+    NormSpec,
+    as_norm_spec,
+    conv_norm_act,
+    convert_frozen_batchnorm,
+    fused_conv_norm_act,
+    fusion_enabled,
+)
 
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
@@ -47,6 +54,11 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fusion_enabled():
+            fused = _fused_block(x, self.downsample, [(self.conv1, self.bn1, self.act1),
+                                                      (self.conv2, self.bn2, self.relu)])
+            if fused is not None:
+                return fused
         identity = x if self.downsample is None else self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
@@ -71,12 +83,38 @@ class Bottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fusion_enabled():
+            fused = _fused_block(x, self.downsample, [(self.conv1, self.bn1, self.act1),
+                                                      (self.conv2, self.bn2, self.act2),
+                                                      (self.conv3, self.bn3, self.relu)])
+            if fused is not None:
+                return fused
         identity = x if self.downsample is None else self.downsample(x)
         out = self.act1(self.bn1(self.conv1(x)))
         out = self.act2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         out += identity
         return self.relu(out)
+
+
+def _fused_block(x: torch.Tensor, downsample: Optional[nn.Module], layers):
+    """A residual block as fused convs (see :mod:`detector.layers.fused_conv`): ``layers`` are
+    its (conv, norm, activation) in order, the last one's activation applied after the residual
+    add. None when any conv cannot be fused; nothing has then been computed in vain but the
+    shortcut."""
+    identity = x
+    if downsample is not None:
+        identity = fused_conv_norm_act(x, downsample[0], downsample[1] if len(downsample) > 1
+                                       else None)
+        if identity is None:
+            return None
+    out = x
+    for k, (conv, norm, act) in enumerate(layers):
+        last = k == len(layers) - 1
+        out = fused_conv_norm_act(out, conv, norm, act, residual=identity if last else None)
+        if out is None:
+            return None
+    return out
 
 
 def downsample_block(in_channels: int, out_channels: int, stride: int,
@@ -176,7 +214,8 @@ class ResNetBackbone(Backbone):
                 setattr(self, name, freeze_module(getattr(self, name)))
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        stem = fused_conv_norm_act(x, self.conv1, self.bn1, self.relu)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))) if stem is None else stem)
         outputs = {}
         for level, name in zip(range(2, 6), self.stage_names):
             x = getattr(self, name)(x)

@@ -124,7 +124,7 @@ class EfficientDetHead(nn.Module):
                 predictor: nn.Module) -> torch.Tensor:
         for i, conv in enumerate(convs):
             residual = x
-            x = self.act(norms[i][level](conv(x)))
+            x = conv(x, norms[i][level], self.act)
             if i > 0 and self.drop_path_rate > 0:
                 x = drop_path(x, self.drop_path_rate, self.training) + residual
         return predictor(x)

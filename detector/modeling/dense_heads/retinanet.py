@@ -7,11 +7,24 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec, has_batch_statistics
+from detector.layers import (
+    ConvNormAct,
+    NormSpec,
+    ShapeSpec,
+    as_norm_spec,
+    fused_conv_norm_act,
+    has_batch_statistics,
+)
 
 from .build import DENSE_HEAD_REGISTRY
 
 __all__ = ["RetinaNetHead"]
+
+
+def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    # the fused oneDNN kernel also spares small levels PyTorch's slow batch-1 conv path
+    fused = fused_conv_norm_act(x, conv)
+    return conv(x) if fused is None else fused
 
 
 @DENSE_HEAD_REGISTRY.register()
@@ -112,7 +125,8 @@ class RetinaNetHead(nn.Module):
             for level, x in enumerate(features):
                 cls_norms = self.cls_norms[level] if self.norm_per_level else None
                 bbox_norms = self.bbox_norms[level] if self.norm_per_level else None
-                pred_logits.append(self.cls_score(self._run_subnet(x, self.cls_subnet, cls_norms)))
+                pred_logits.append(_conv(self.cls_score,
+                                         self._run_subnet(x, self.cls_subnet, cls_norms)))
                 pred_anchor_deltas.append(
-                    self.bbox_pred(self._run_subnet(x, self.bbox_subnet, bbox_norms)))
+                    _conv(self.bbox_pred, self._run_subnet(x, self.bbox_subnet, bbox_norms)))
         return pred_logits, pred_anchor_deltas

@@ -33,6 +33,18 @@ class DetectorBase(nn.Module):
     def device(self) -> torch.device:
         return self.pixel_mean.device
 
+    @staticmethod
+    def stage(name: str):
+        """A ``torch.profiler`` label ``detector::<name>`` for one step of the forward
+        (preprocess, network, anchors, matching, loss, postprocess), so a profile of any run
+        splits its time by step (``tools/benchmark.py --breakdown``); free when not profiling."""
+        return torch.profiler.record_function(f"detector::{name}")
+
+    def postprocessing_precision(self):
+        """A context running its code in float32 even inside an autocast region (decoding, NMS
+        and mask pasting need the precision; only the network runs in the autocast dtype)."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
     def preprocess_image(self, batched_inputs: List[dict]) -> ImageList:
         """Move to the device, normalise, pad into one batch whose sides are multiples of
         ``size_divisibility``."""

@@ -6,7 +6,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from detector.layers import ShapeSpec
+from detector.layers import ShapeSpec, conv_norm_fusion
 from detector.structures import Boxes, Instances, pairwise_iou
 from detector.utils import comm
 
@@ -27,6 +27,8 @@ class DenseDetector(DetectorBase):
     anchor_matcher: Matcher
     # background anchors covered this much by crowd regions are ignored (> 1: never)
     crowd_ignore_fraction: float = 0.7
+    # conv + fixed norm (+ activation) blocks folded into one conv (detector.layers.fused_conv)
+    fuse_conv_norm: bool = False
 
     def _set_parts(self, backbone: nn.Module, neck: nn.Module, head: nn.Module,
                    anchor_generator: AnchorGenerator, box_coder: BoxCoder,
@@ -65,13 +67,14 @@ class DenseDetector(DetectorBase):
         pyramid feature maps the head saw, in increasing level order."""
         if self._channels_last_input():
             images = images.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(images)
-        if self._channels_last_features():
-            features = {k: v.contiguous(memory_format=torch.channels_last)
-                        for k, v in features.items()}
-        features = self.neck(features)
-        features = [features[name] for name in self.in_features]
-        pred_logits, pred_anchor_deltas = self.head(features)
+        with conv_norm_fusion(self.fuse_conv_norm):
+            features = self.backbone(images)
+            if self._channels_last_features():
+                features = {k: v.contiguous(memory_format=torch.channels_last)
+                            for k, v in features.items()}
+            features = self.neck(features)
+            features = [features[name] for name in self.in_features]
+            pred_logits, pred_anchor_deltas = self.head(features)
         return pred_logits, pred_anchor_deltas, features
 
     @torch.no_grad()

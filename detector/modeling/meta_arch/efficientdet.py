@@ -49,6 +49,8 @@ class EfficientDet(DenseDetector):
             giou_loss_weight: see :func:`detector.modeling.losses.efficientdet_losses`.
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
             :func:`detector.modeling.postprocessing.efficientdet_inference`.
+        fuse_conv_norm: fold eval-mode norms into the BiFPN and head convs (see
+            :mod:`detector.layers.fused_conv`).
         crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
@@ -63,8 +65,9 @@ class EfficientDet(DenseDetector):
                  box_loss_weight: float = 50.0, giou_loss_weight: float = 1.0,
                  score_thresh_test: float = 0.0, topk_candidates_test: int = 5000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
-                 crowd_ignore_fraction: float = 0.7):
+                 fuse_conv_norm: bool = True, crowd_ignore_fraction: float = 0.7):
         super().__init__()
+        self.fuse_conv_norm = fuse_conv_norm
         if box_loss_type not in EFFICIENTDET_BOX_LOSS_TYPES:
             raise ValueError(f"MODEL.EFFICIENTDET.BOX_LOSS_TYPE='{box_loss_type}' is not one of "
                              f"{EFFICIENTDET_BOX_LOSS_TYPES}")
@@ -125,6 +128,7 @@ class EfficientDet(DenseDetector):
             "pixel_std": list(cfg.MODEL.PIXEL_STD),
             "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
             "channels_last": e.CHANNELS_LAST,
+            "fuse_conv_norm": cfg.MODEL.FUSE_CONV_NORM,
             "focal_loss_alpha": e.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": e.FOCAL_LOSS_GAMMA,
             "box_loss_type": e.BOX_LOSS_TYPE,
@@ -147,27 +151,36 @@ class EfficientDet(DenseDetector):
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
-        images = self.preprocess_image(batched_inputs)
-        pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
-        anchors = torch.cat(self.anchor_generator(features, images.tensor.shape[-2:]))
+        with self.stage("preprocess"):
+            images = self.preprocess_image(batched_inputs)
+        with self.stage("network"):
+            pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
+        with self.stage("anchors"):
+            anchors = torch.cat(self.anchor_generator(features, images.tensor.shape[-2:]))
         # per level (N, H*W*A, K), in the order of the anchors; views of channels-last outputs
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
         pred_anchor_deltas = torch.cat([permute_to_N_HWA_K(x, 4) for x in pred_anchor_deltas],
                                        dim=1).float()
         if self.training:
-            gt_labels, matched_gt_boxes = self.label_anchors(
-                anchors, self._gt_instances(batched_inputs))
-            return efficientdet_losses(
-                pred_logits, pred_anchor_deltas, anchors, gt_labels, matched_gt_boxes,
-                num_classes=self.num_classes, box_coder=self.box_coder,
-                focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
-                box_loss_type=self.box_loss_type, huber_delta=self.huber_delta,
-                box_loss_weight=self.box_loss_weight, giou_loss_weight=self.giou_loss_weight,
-                normalizer=self.loss_normalizer(gt_labels, plus_one=True))
+            with self.stage("matching"):
+                gt_labels, matched_gt_boxes = self.label_anchors(
+                    anchors, self._gt_instances(batched_inputs))
+            with self.stage("loss"):
+                return self._losses(pred_logits, pred_anchor_deltas, anchors, gt_labels,
+                                    matched_gt_boxes)
+        with self.stage("postprocess"), self.postprocessing_precision():
+            detections = efficientdet_inference(
+                pred_logits, pred_anchor_deltas, anchors, images.image_sizes,
+                box_coder=self.box_coder, score_thresh=self.score_thresh_test,
+                topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
+                max_detections=self.max_detections_per_image)
+            return detections_to_outputs(detections, batched_inputs)
 
-        detections = efficientdet_inference(
-            pred_logits, pred_anchor_deltas, anchors, images.image_sizes,
-            box_coder=self.box_coder, score_thresh=self.score_thresh_test,
-            topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
-            max_detections=self.max_detections_per_image)
-        return detections_to_outputs(detections, batched_inputs)
+    def _losses(self, pred_logits, pred_anchor_deltas, anchors, gt_labels, matched_gt_boxes):
+        return efficientdet_losses(
+            pred_logits, pred_anchor_deltas, anchors, gt_labels, matched_gt_boxes,
+            num_classes=self.num_classes, box_coder=self.box_coder,
+            focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
+            box_loss_type=self.box_loss_type, huber_delta=self.huber_delta,
+            box_loss_weight=self.box_loss_weight, giou_loss_weight=self.giou_loss_weight,
+            normalizer=self.loss_normalizer(gt_labels, plus_one=True))

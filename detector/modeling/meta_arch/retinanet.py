@@ -16,7 +16,7 @@ from ..dense_heads import build_dense_head, permute_to_N_HWA_K
 from ..losses import check_retinanet_loss_options, retinanet_losses
 from ..matcher import Matcher
 from ..neck import build_neck
-from ..postprocessing import detections_to_outputs, retinanet_inference_single_image
+from ..postprocessing import detections_to_outputs, retinanet_inference
 from .build import META_ARCH_REGISTRY
 from .dense_detector import DenseDetector
 
@@ -35,8 +35,11 @@ class RetinaNet(DenseDetector):
         focal_loss_alpha, focal_loss_gamma, bbox_reg_loss_type, smooth_l1_beta, loss_normalization:
             see :func:`detector.modeling.losses.retinanet_losses`.
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
-            :func:`detector.modeling.postprocessing.retinanet_inference_single_image`.
+            :func:`detector.modeling.postprocessing.retinanet_inference`.
         channels_last_inference: run inference in channels-last memory format.
+        fuse_conv_norm: fold fixed norms (FrozenBN, eval-mode BN) into their convs and run
+            blocks as fused oneDNN convolutions where nothing is differentiated (see
+            :mod:`detector.layers.fused_conv`).
         crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
@@ -50,7 +53,7 @@ class RetinaNet(DenseDetector):
                  smooth_l1_beta: float = 0.1, loss_normalization: str = "batch",
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
-                 channels_last_inference: bool = True,
+                 channels_last_inference: bool = True, fuse_conv_norm: bool = True,
                  crowd_ignore_fraction: float = 0.7):
         super().__init__()
         check_retinanet_loss_options(bbox_reg_loss_type, loss_normalization)
@@ -69,6 +72,7 @@ class RetinaNet(DenseDetector):
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
         self.channels_last_inference = channels_last_inference
+        self.fuse_conv_norm = fuse_conv_norm
         self._set_crowd_ignore_fraction(crowd_ignore_fraction)
 
     @classmethod
@@ -107,40 +111,49 @@ class RetinaNet(DenseDetector):
             "nms_thresh_test": r.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "channels_last_inference": r.CHANNELS_LAST_INFERENCE,
+            "fuse_conv_norm": cfg.MODEL.FUSE_CONV_NORM,
             "crowd_ignore_fraction": cfg.MODEL.CROWD_IGNORE_FRACTION,
         }
 
     def forward(self, batched_inputs: List[dict]):
         """Training: ``{"loss_cls", "loss_box_reg"}``. Eval: one ``{"instances": Instances}`` per
         image with ``pred_boxes``, ``scores``, ``pred_classes`` at its original height x width."""
-        images = self.preprocess_image(batched_inputs)
-        pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
-        anchors = self.anchor_generator(features, images.tensor.shape[-2:])
+        with self.stage("preprocess"):
+            images = self.preprocess_image(batched_inputs)
+        with self.stage("network"):
+            pred_logits, pred_anchor_deltas, features = self.forward_features(images.tensor)
+        with self.stage("anchors"):
+            anchors = self.anchor_generator(features, images.tensor.shape[-2:])
         # (N, H*W*A, K) and (N, H*W*A, 4) per level, the order of the anchors
         pred_logits = [permute_to_N_HWA_K(x, self.num_classes).float() for x in pred_logits]
         pred_anchor_deltas = [permute_to_N_HWA_K(x, 4).float() for x in pred_anchor_deltas]
 
         if self.training:
-            gt_instances = self._gt_instances(batched_inputs)
-            all_anchors = torch.cat(anchors)
-            gt_labels, matched_gt_boxes = self.label_anchors(all_anchors, gt_instances)
-            return retinanet_losses(
-                torch.cat(pred_logits, dim=1), torch.cat(pred_anchor_deltas, dim=1), all_anchors,
-                gt_labels, matched_gt_boxes, num_classes=self.num_classes, box_coder=self.box_coder,
-                focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
-                bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
-                normalization=self.loss_normalization,
-                normalizer=(self.loss_normalizer(gt_labels, plus_one=False)
-                            if self.loss_normalization == "batch" else None))
+            with self.stage("matching"):
+                gt_instances = self._gt_instances(batched_inputs)
+                all_anchors = torch.cat(anchors)
+                gt_labels, matched_gt_boxes = self.label_anchors(all_anchors, gt_instances)
+            with self.stage("loss"):
+                return self._losses(pred_logits, pred_anchor_deltas, all_anchors, gt_labels,
+                                    matched_gt_boxes)
 
-        detections = [
-            retinanet_inference_single_image(
-                [x[i] for x in pred_logits], [x[i] for x in pred_anchor_deltas], anchors,
-                image_size, box_coder=self.box_coder, score_thresh=self.score_thresh_test,
+        with self.stage("postprocess"), self.postprocessing_precision():
+            detections = retinanet_inference(
+                pred_logits, pred_anchor_deltas, anchors, images.image_sizes,
+                box_coder=self.box_coder, score_thresh=self.score_thresh_test,
                 topk_candidates=self.topk_candidates_test, nms_thresh=self.nms_thresh_test,
                 max_detections=self.max_detections_per_image)
-            for i, image_size in enumerate(images.image_sizes)]
-        return detections_to_outputs(detections, batched_inputs)
+            return detections_to_outputs(detections, batched_inputs)
+
+    def _losses(self, pred_logits, pred_anchor_deltas, all_anchors, gt_labels, matched_gt_boxes):
+        return retinanet_losses(
+            torch.cat(pred_logits, dim=1), torch.cat(pred_anchor_deltas, dim=1), all_anchors,
+            gt_labels, matched_gt_boxes, num_classes=self.num_classes, box_coder=self.box_coder,
+            focal_alpha=self.focal_loss_alpha, focal_gamma=self.focal_loss_gamma,
+            bbox_reg_loss_type=self.bbox_reg_loss_type, smooth_l1_beta=self.smooth_l1_beta,
+            normalization=self.loss_normalization,
+            normalizer=(self.loss_normalizer(gt_labels, plus_one=False)
+                        if self.loss_normalization == "batch" else None))
 
     def _channels_last_input(self) -> bool:
         # faster oneDNN convolutions; training stays contiguous: ResNet weight gradients in

@@ -125,8 +125,7 @@ class BiFPNNode(nn.Module):
         x = self.fusion(resampled)
         if self.act is not None:
             x = self.act(x)
-        x = self.conv(x)
-        return self.norm(x) if self.norm is not None else x
+        return self.conv(x, self.norm)
 
 
 class BiFPNCell(nn.Module):

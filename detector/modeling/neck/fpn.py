@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec
+from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec, fused_conv_norm_act
 
 from .build import NECK_REGISTRY
 
@@ -115,7 +115,9 @@ class FeaturePyramidNetwork(nn.Module):
                 x = features["c5"] if self.top_block_in == "c5" else results["p5"]
             else:
                 x = F.relu(previous)
-            previous = self.top_block[k](x)
+            conv = self.top_block[k]
+            previous = fused_conv_norm_act(x, conv)
+            previous = conv(x) if previous is None else previous
             results[k] = previous
         return {f"p{k}": results[f"p{k}"] for k in range(self.min_level, self.max_level + 1)}
 
