@@ -143,3 +143,23 @@ def test_empty_weights_are_refused():
     cfg.merge_from_file(CONFIG)
     with pytest.raises(ValueError, match=r"MODEL.WEIGHTS is empty"):
         DefaultPredictor(cfg)
+
+
+def test_test_amp_runs_the_network_in_bf16_and_postprocessing_in_fp32(saved_model):
+    cfg, _, image_path = saved_model
+    image = read_image(image_path, cfg.INPUT.FORMAT)
+    fp32 = DefaultPredictor(cfg)(image)
+    amp_cfg = cfg.clone()
+    amp_cfg.merge_from_list(["TEST.AMP.ENABLED", "True"])
+    predictor = DefaultPredictor(amp_cfg)
+    head_dtypes = []
+    predictor.model.head.register_forward_hook(
+        lambda module, inputs, outputs: head_dtypes.append(outputs[0][0].dtype))
+    amp = predictor(image)
+    assert head_dtypes == [torch.bfloat16]
+    assert amp.scores.dtype == amp.pred_boxes.tensor.dtype == torch.float32
+    assert len(amp) > 0 and len(fp32) > 0
+    # bf16 keeps ~3 significant digits: the best detection moves, but little
+    assert int(amp.pred_classes[0]) == int(fp32.pred_classes[0])
+    assert abs(float(amp.scores[0]) - float(fp32.scores[0])) < 0.02
+    assert float((amp.pred_boxes.tensor[0] - fp32.pred_boxes.tensor[0]).abs().max()) < 2.0
