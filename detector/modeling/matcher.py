@@ -61,6 +61,29 @@ class Matcher:
             match_labels[anchor_idxs] = 1
         return matches, match_labels
 
+    def match_batch(self, match_quality: torch.Tensor, gt_valid: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`__call__` of every image of a batch at once: (N, G, R) IoU matrices of the
+        images' ground truth padded to G rows, ``gt_valid`` (N, G) marking the real rows.
+        Returns (N, R) ``matches`` and ``match_labels``, equal to calling the matcher per image
+        on its real rows."""
+        num_images, _, num_anchors = match_quality.shape
+        # padded rows never win an anchor; an image without ground truth gets background (-1 is
+        # below every threshold) and match 0, as __call__ gives it
+        quality = match_quality.masked_fill(~gt_valid[:, :, None], -1.0)
+        if quality.shape[1] == 0:
+            quality = quality.new_full((num_images, 1, num_anchors), -1.0)
+        matched_vals, matches = quality.max(dim=1)
+        match_labels = torch.full((num_images, num_anchors), -1, dtype=torch.int8,
+                                  device=quality.device)
+        for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
+            match_labels[(matched_vals >= low) & (matched_vals < high)] = label
+        if self.allow_low_quality_matches:
+            highest_per_gt = quality.max(dim=2, keepdim=True).values
+            best = ((quality == highest_per_gt) & (highest_per_gt > 0)).any(dim=1)
+            match_labels[best] = 1
+        return matches, match_labels
+
 
 def split_crowd(instances):
     """(the non-crowd instances, the crowd boxes or None): crowd regions (``gt_is_crowd``) take

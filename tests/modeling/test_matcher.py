@@ -3,6 +3,7 @@ import torch
 from torchvision.models.detection._utils import Matcher as TVMatcher
 
 from detector.modeling import Matcher
+from detector.structures import Boxes, pairwise_iou
 
 
 def test_threshold_intervals():
@@ -56,3 +57,48 @@ def test_invalid_arguments():
         Matcher([0.5, 0.4], [0, -1, 1])
     with pytest.raises(ValueError, match="one label per interval"):
         Matcher([0.4, 0.5], [0, 1])
+
+
+def _random_gt(generator, count, size=96.0):
+    xy = torch.rand(count, 2, generator=generator) * size * 0.7
+    wh = 4 + torch.rand(count, 2, generator=generator) * size * 0.4
+    return torch.cat([xy, xy + wh], 1)
+
+
+@pytest.mark.parametrize("low_quality", [True, False])
+def test_match_batch_equals_matching_each_image(low_quality):
+    g = torch.Generator().manual_seed(0)
+    anchors = _random_gt(g, 300)
+    matcher = Matcher([0.4, 0.5], [0, -1, 1], allow_low_quality_matches=low_quality)
+    gts = [_random_gt(g, n) for n in (5, 0, 2)]
+    iou = torch.full((3, 5, 300), 0.0)
+    valid = torch.zeros(3, 5, dtype=torch.bool)
+    for i, gt in enumerate(gts):
+        iou[i, :len(gt)] = pairwise_iou(Boxes(gt), Boxes(anchors))
+        valid[i, :len(gt)] = True
+    matches, labels = matcher.match_batch(iou, valid)
+    for i, gt in enumerate(gts):
+        expected_matches, expected_labels = matcher(pairwise_iou(Boxes(gt), Boxes(anchors)))
+        assert torch.equal(matches[i], expected_matches)
+        assert torch.equal(labels[i], expected_labels)
+    assert (labels[1] == 0).all() and (labels[0] == 1).any()
+
+
+def test_batched_anchor_labels_equal_the_per_image_ones():
+    from detector.modeling import build_model
+    from detector.structures import Instances
+
+    from modeling_testutils import tiny_cfg
+
+    model = build_model(tiny_cfg())
+    g = torch.Generator().manual_seed(1)
+    anchors = _random_gt(g, 500)
+    batch = [Instances((96, 96), gt_boxes=Boxes(_random_gt(g, n)),
+                       gt_classes=torch.randint(0, 3, (n,), generator=g)) for n in (3, 0, 7)]
+    labels, boxes = model.label_anchors(anchors, batch)
+    for i, inst in enumerate(batch):
+        # a crowd flag that marks nothing sends the image through the per-image path
+        inst.gt_is_crowd = torch.zeros(len(inst), dtype=torch.bool)
+        one_labels, one_boxes = model.label_anchors(anchors, [inst])
+        assert torch.equal(labels[i], one_labels[0]) and torch.equal(boxes[i], one_boxes[0])
+    assert (labels[1] == 3).all() and (labels[2] < 3).any() and (labels == -1).any()

@@ -5,6 +5,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+from torchvision.ops import box_iou
 
 from detector.layers import ShapeSpec, conv_norm_fusion
 from detector.structures import Boxes, Instances, pairwise_iou
@@ -110,6 +111,9 @@ class DenseDetector(DetectorBase):
         is ignored instead of being taught "no object" on a crowd of objects.
 
         Returns (N, R) int64 labels and (N, R, 4) boxes."""
+        if not any(inst.has("gt_is_crowd") and bool(inst.gt_is_crowd.any())
+                   for inst in gt_instances):
+            return self._label_anchors_batched(anchors, gt_instances)
         gt_labels, matched_gt_boxes = [], []
         anchor_boxes = Boxes(anchors)
         for inst in gt_instances:
@@ -129,3 +133,28 @@ class DenseDetector(DetectorBase):
             gt_labels.append(labels)
             matched_gt_boxes.append(boxes)
         return torch.stack(gt_labels), torch.stack(matched_gt_boxes)
+
+    def _label_anchors_batched(self, anchors: torch.Tensor, gt_instances: List[Instances]):
+        """:meth:`label_anchors` of a batch without crowd regions, with one IoU computation and
+        one matching for all images (ground truth padded to the largest count)."""
+        num_images, num_gt = len(gt_instances), max(len(inst) for inst in gt_instances)
+        gt_boxes = anchors.new_zeros((num_images, num_gt, 4))
+        gt_classes = torch.full((num_images, max(num_gt, 1)), self.num_classes,
+                                dtype=torch.int64, device=anchors.device)
+        gt_valid = torch.zeros((num_images, num_gt), dtype=torch.bool, device=anchors.device)
+        for i, inst in enumerate(gt_instances):
+            gt_boxes[i, :len(inst)] = inst.gt_boxes.tensor
+            gt_classes[i, :len(inst)] = inst.gt_classes
+            gt_valid[i, :len(inst)] = True
+        # box_iou is batched; nan (boxes without area) counts as no overlap, as pairwise_iou
+        iou = torch.nan_to_num(box_iou(gt_boxes, anchors), nan=0.0)
+        matches, match_labels = self.anchor_matcher.match_batch(iou, gt_valid)
+        labels = torch.gather(gt_classes, 1, matches)
+        labels[match_labels == 0] = self.num_classes
+        labels[match_labels == -1] = -1
+        if num_gt == 0:
+            return labels, anchors.new_zeros((num_images,) + tuple(anchors.shape))
+        boxes = torch.gather(gt_boxes, 1, matches[:, :, None].expand(-1, -1, 4))
+        # an image without ground truth matches nothing: zero boxes, as the per-image path
+        boxes = boxes * gt_valid.any(dim=1)[:, None, None]
+        return labels, boxes
