@@ -29,7 +29,7 @@ def build_parser():
     parser.add_argument("--results-json", default="", help="existing COCO results file to evaluate")
     parser.add_argument("--gt-json", default="", help="COCO ground-truth json for --results-json")
     parser.add_argument("--iou-type", default="bbox", choices=["bbox", "segm"])
-    parser.add_argument("--backend", default="pycocotools",
+    parser.add_argument("--backend", default="faster_coco_eval",
                         choices=["pycocotools", "faster_coco_eval", "faster-coco-eval"])
     parser.add_argument("--stats-json", default="",
                         help="also write the 12 summary numbers to this json file")

@@ -524,8 +524,8 @@ _C.TEST = CN()
 _C.TEST.EVAL_PERIOD = 0
 # Maximum detections kept per image after NMS
 _C.TEST.DETECTIONS_PER_IMAGE = 100
-# COCO evaluation backend: "pycocotools" or "faster_coco_eval" (also spelled "faster-coco-eval")
-_C.TEST.COCO_EVAL_BACKEND = "pycocotools"
+# COCO evaluation backend (same numbers): "faster_coco_eval" (or "faster-coco-eval"), "pycocotools"
+_C.TEST.COCO_EVAL_BACKEND = "faster_coco_eval"
 # First N images of DATASETS.TEST[0] drawn GT | prediction to TensorBoard at each evaluation; 0 = off
 _C.TEST.VIS_NUM_IMAGES = 4
 _C.TEST.AMP = CN()

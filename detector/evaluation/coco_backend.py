@@ -6,6 +6,7 @@ known difference is at the last bit: pycocotools divides ``tp / (tp + fp + eps)`
 precision of 1.0 come out as ``1 - 2**-52``; the summary numbers then differ by ~1e-16.
 """
 import contextlib
+import copy
 import io
 import logging
 import time
@@ -16,7 +17,8 @@ import numpy as np
 
 __all__ = [
     "VALID_BACKENDS", "IOU_TYPES", "STAT_NAMES", "check_backend", "get_coco_api",
-    "build_coco_api", "load_coco_results", "run_coco_eval", "CocoEvalRun", "format_summary",
+    "build_coco_api", "load_coco_results", "build_results_api", "run_coco_eval", "CocoEvalRun",
+    "format_summary",
 ]
 
 logger = logging.getLogger(__name__)
@@ -93,6 +95,26 @@ def load_coco_results(coco_gt, records: List[dict], backend: str):
         raise ValueError("load_coco_results needs at least one result record")
     with contextlib.redirect_stdout(io.StringIO()):
         return coco_gt.loadRes(records)
+
+
+def build_results_api(coco_gt, annotations: List[dict], backend: str):
+    """The results object ``coco_gt.loadRes`` gives, built over ready ``annotations``.
+
+    loadRes makes a pass in Python over every record to number it and add ``area`` and
+    ``iscrowd`` (and a box polygon that bbox evaluation never reads): about 2 s per 500k
+    detections. Callers that hold results as arrays compute those fields vectorised instead,
+    exactly as loadRes does: ``id`` 1..N in order, ``iscrowd`` 0, ``area`` = w * h of the box
+    (bbox) or the mask's pixel count with ``bbox`` from the mask (segm).
+    """
+    coco_cls, _ = get_coco_api(backend)
+    with contextlib.redirect_stdout(io.StringIO()):
+        api = coco_cls()
+        api.dataset = {"info": copy.deepcopy(coco_gt.dataset.get("info", {})),
+                       "images": list(coco_gt.dataset["images"]),
+                       "categories": copy.deepcopy(coco_gt.dataset["categories"]),
+                       "annotations": annotations}
+        api.createIndex()
+    return api
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """A deterministic synthetic COCO ground truth + detections pair, for benchmarking and checking
 that evaluation backends agree. Nothing here is downloaded or read from disk."""
-from typing import List, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
-__all__ = ["make_synthetic_coco"]
+__all__ = ["make_synthetic_coco", "synthetic_model_outputs"]
 
 
 def _random_boxes(rng: np.random.Generator, n: int, widths: np.ndarray, heights: np.ndarray):
@@ -94,3 +94,39 @@ def make_synthetic_coco(num_images: int = 5000, dets_per_image: int = 100,
                 r["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
         results.extend(records)
     return gt, results
+
+
+def synthetic_model_outputs(gt: dict, results: List[dict], with_masks: bool = False
+                            ) -> Iterator[Tuple[dict, dict]]:
+    """(input, output) pairs of every image of ``gt`` as a detector's inference gives them to
+    an evaluator: ``Instances`` with float32 XYXY ``pred_boxes``, ``scores`` and contiguous
+    ``pred_classes`` (category ids sorted), from the COCO ``results`` of make_synthetic_coco.
+
+    With ``with_masks`` every instance also gets ``pred_masks``, its box filled (made lazily,
+    one image at a time, as a model's pasted masks arrive).
+    """
+    import torch
+
+    from detector.structures import Boxes, Instances
+
+    contiguous = {cat["id"]: k for k, cat in enumerate(sorted(gt["categories"],
+                                                              key=lambda c: c["id"]))}
+    by_image: Dict[int, List[dict]] = {img["id"]: [] for img in gt["images"]}
+    for record in results:
+        by_image[record["image_id"]].append(record)
+    for img in gt["images"]:
+        records = by_image[img["id"]]
+        xywh = torch.tensor([r["bbox"] for r in records], dtype=torch.float64).reshape(-1, 4)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1).float()
+        instances = Instances(
+            (img["height"], img["width"]), pred_boxes=Boxes(boxes),
+            scores=torch.tensor([r["score"] for r in records], dtype=torch.float32),
+            pred_classes=torch.tensor([contiguous[r["category_id"]] for r in records],
+                                      dtype=torch.int64))
+        if with_masks:
+            masks = torch.zeros(len(records), img["height"], img["width"], dtype=torch.bool)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.round().int().tolist()):
+                masks[k, max(y1, 0):y2, max(x1, 0):x2] = True
+            instances.pred_masks = masks
+        yield ({"image_id": img["id"], "height": img["height"], "width": img["width"]},
+               {"instances": instances})
