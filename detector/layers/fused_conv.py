@@ -33,7 +33,7 @@ from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
-           "activation_name"]
+           "foldable", "activation_name"]
 
 _state = threading.local()
 # oneDNN post-op names of the activations the fused kernel applies itself
@@ -76,6 +76,12 @@ def _tracing() -> bool:
 def fusion_enabled() -> bool:
     """Whether :func:`conv_norm_fusion` is on here (blocks then try the fused path first)."""
     return getattr(_state, "enabled", False) and not _tracing()
+
+
+def foldable(norm: Optional[nn.Module], activation: Optional[nn.Module] = None) -> bool:
+    """Whether a block ending in ``norm`` and ``activation`` can take the folded path (a fixed
+    norm or none, an activation the fused kernel applies)."""
+    return _norm_affine(norm) is not None and activation_name(activation) is not None
 
 
 def activation_name(activation: Optional[nn.Module]) -> Optional[str]:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from .build import NormSpec
-from .fused_conv import fused_conv_norm_act, fusion_enabled
+from .fused_conv import foldable, fused_conv_norm_act, fusion_enabled
 from .same_padding import conv2d_padded
 
 __all__ = ["ACTIVATIONS", "make_activation", "check_layer_norm", "SeparableConv2d",
@@ -53,7 +53,7 @@ class SeparableConv2d(nn.Module):
                 activation: Optional[nn.Module] = None) -> torch.Tensor:
         """``activation(norm(conv_pw(conv_dw(x))))``; ``norm`` and ``activation`` (optional)
         belong to the caller. Folded into two convs where :mod:`.fused_conv` applies."""
-        if fusion_enabled():
+        if fusion_enabled() and foldable(norm, activation):
             y = fused_conv_norm_act(x, self.conv_dw)
             y = None if y is None else fused_conv_norm_act(y, self.conv_pw, norm, activation)
             if y is not None:
