@@ -20,6 +20,7 @@ import torch
 
 from benchmark_common import (
     add_timing_args,
+    amp_fn,
     detail_rows,
     inference_macs,
     infer_fn,
@@ -140,7 +141,7 @@ def check_outputs_match(bench, ours, images, our_inputs, target) -> float:
     for t, o in zip(theirs, got):
         t = t[t[:, 4] > 0]
         n = min(len(t), len(o["instances"]))
-        worst = max(worst, float((t[:n, 4] - o["instances"].scores[:n]).abs().max()))
+        worst = max(worst, float((t[:n, 4].cpu() - o["instances"].scores[:n].cpu()).abs().max()))
     return worst
 
 
@@ -176,10 +177,15 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
     from effdet.bench import DetBenchPredict, DetBenchTrain
 
     theirs, ours = build_pair(args.variant, args.size, opts=opts)
-    predict = DetBenchPredict(theirs)
-    trainer = DetBenchTrain(theirs, create_labeler=not effdet_loader_labels)
+    device = torch.device(getattr(args, "device", "cpu"))
+    ours.to(device)
+    predict = DetBenchPredict(theirs).to(device)
+    trainer = DetBenchTrain(theirs, create_labeler=not effdet_loader_labels).to(device)
     batch = max(args.infer_batch, args.train_batch)
     images, our_inputs, target = make_inputs(batch, args.size)
+    # effdet gets its batch on the device; our inputs stay on the CPU, as a data loader gives them
+    images = [im.to(device) for im in images]
+    target = {k: v.to(device) for k, v in target.items()}
     bi, bt = args.infer_batch, args.train_batch
     info = {k: v[:bi] for k, v in target.items() if k in ("img_scale", "img_size")}
     max_score_diff = check_outputs_match(predict, ours, images[:bi], our_inputs[:bi], info)
@@ -202,6 +208,15 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
         profile("effdet inference", infer_theirs)
         profile("detector inference", infer_ours)
     infer_seconds = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
+    amp_rows = {}
+    if getattr(args, "amp", False):
+        # both under the autocast of TEST.AMP.ENABLED (bf16 on CPU, fp16 on CUDA)
+        amp_seconds = time_pair(amp_fn(infer_theirs, device), amp_fn(infer_ours, device),
+                                args.iters, args.warmup)
+        ref_ms, our_ms = (s * 1000 / bi for s in amp_seconds)
+        amp_rows = {"inference_ms_per_img_amp": (ref_ms, our_ms, ref_ms / our_ms),
+                    "amp_vs_reference_fp32_ms": (infer_seconds[0] * 1000 / bi, our_ms,
+                                                 infer_seconds[0] * 1000 / bi / our_ms)}
 
     their_train_x = normalized(ours, images[:bt])
     train_target = {k: v[:bt] for k, v in target.items()}
@@ -227,13 +242,14 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
     train_seconds = time_pair(step_theirs, step_ours, args.iters, args.warmup)
 
     rows = speed_rows(infer_seconds, bi, train_seconds, bt)
-    memory = None if getattr(args, "no_memory", False) else pair_peak_memory(
+    memory = None if getattr(args, "no_memory", False) or device.type != "cpu" else pair_peak_memory(
         "benchmark_effdet", theirs, ours, size=args.size, infer_batch=bi, train_batch=bt,
         threads=torch.get_num_threads(), variant=args.variant, opts=list(opts))
     rows.update(detail_rows((phase_ms(step_theirs, args.iters), phase_ms(step_ours, args.iters)),
                             inference_macs(ours, args.size, args.size),
                             (rows["inference_ms_per_img"][0], rows["inference_ms_per_img"][1]),
                             memory))
+    rows.update(amp_rows)
     labels = "effdet labels precomputed" if effdet_loader_labels else "both label in-step"
     print_rows(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, "
                f"train batch {bt} ({labels}), threads={torch.get_num_threads()}, median of "

@@ -199,6 +199,9 @@ def outputs_match(check: dict) -> bool:
 def run_maskrcnn(args, *, profile_ops: bool = False, opts: Sequence[str] = ()) -> dict:
     """Compare, then time torchvision's Mask R-CNN and ours (sizes, batches, iterations from
     ``args``); print the table; return the rows and the output comparison."""
+    if getattr(args, "device", "cpu") != "cpu":
+        raise SystemExit(f"benchmark: error: the Mask R-CNN comparison runs on the CPU only, not "
+                         f"--device {args.device}")
     tv, ours = build_pair(args.size, opts=opts)
     bi, bt = args.infer_batch, args.train_batch
     images, tv_targets, our_inputs = make_inputs(max(bi, bt), args.size)
