@@ -28,8 +28,6 @@ Any config alone (no reference; e.g. the CPU inference-time column of the pyrami
 """
 import argparse
 import os
-import statistics
-import time
 
 import torch
 
@@ -49,6 +47,7 @@ from benchmark_common import (
     print_rows,
     speed_rows,
     stage_breakdown,
+    time_one,
     time_pair,
     torchvision_style_case,
     train_step,
@@ -354,18 +353,6 @@ def run_config(args) -> dict:
     if args.peak:
         print_peak_alone(args, rows, macs, breakdown)
     return rows
-
-
-def time_one(fn, iters, warmup) -> float:
-    """Median seconds of ``fn`` over ``iters`` runs after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 def main(argv=None):

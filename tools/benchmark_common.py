@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["amp_context", "amp_fn", "conv_peak_gflops", "stage_breakdown", "print_breakdown",
-           "STAGES", "time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
+           "STAGES", "time_one", "time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
            "detail_rows", "print_rows", "write_json", "add_timing_args", "randomize_batchnorms",
            "freeze_like_released_detection_weights", "inference_macs", "peak_memory_mb",
            "infer_fn", "load_weights_for_case", "save_weights_for_case", "pair_peak_memory"]
@@ -213,11 +213,11 @@ def conv_peak_gflops(device="cpu", dtype: torch.dtype = torch.float32, iters: in
             nn.functional.conv2d(x, w, padding=1)
         _synchronize()
 
-    seconds = statistics.median(_timed(run, iters, warmup=3))
-    return 2.0 * (2 * 256 * 256 * 9 * 64 * 64) / seconds / 1e9
+    return 2.0 * (2 * 256 * 256 * 9 * 64 * 64) / time_one(run, iters, warmup=3) / 1e9
 
 
-def _timed(fn: Callable, iters: int, warmup: int) -> List[float]:
+def time_one(fn: Callable, iters: int, warmup: int) -> float:
+    """Median seconds of ``fn`` over ``iters`` runs after ``warmup``."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -225,7 +225,7 @@ def _timed(fn: Callable, iters: int, warmup: int) -> List[float]:
         start = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - start)
-    return samples
+    return statistics.median(samples)
 
 
 STAGES = ("preprocess", "network", "anchors", "matching", "loss", "postprocess")

@@ -67,8 +67,7 @@ if TOOLS_DIR not in sys.path:
     sys.path.insert(0, TOOLS_DIR)
 
 from analyze_model import example_image, parameter_counts  # noqa: E402
-from benchmark import time_one  # noqa: E402
-from benchmark_common import infer_fn  # noqa: E402
+from benchmark_common import infer_fn, time_one  # noqa: E402
 from study_report import AP_KEYS, METRIC_COLUMNS, write_outputs  # noqa: E402
 
 from detector.checkpoint import DetectionCheckpointer  # noqa: E402

@@ -5,14 +5,11 @@ The tests in tests/cuda (marked ``cuda``) call them with "cuda"; tests/tools/tes
 calls them with "cpu" (gloo for SyncBN), so the same code is known to run and pass on the CPU
 too. Imported by name: tests/cuda is on sys.path for its tests.
 """
-import contextlib
 import json
 import math
-import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 
 import torch
 import torch.distributed as dist
@@ -24,22 +21,16 @@ from detector.engine.hooks import CallbackHook
 from detector.layers import SyncBatchNorm2d
 from detector.utils import comm
 
+import process_watchdog
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RETINANET_DEMO = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")
 WATCHDOG_S = 240
 
 
-@contextlib.contextmanager
 def watchdog(seconds=WATCHDOG_S):
-    """Kill the processes spawned meanwhile if this takes longer than ``seconds`` (a hang in a
-    collective then fails the test instead of blocking the session)."""
-    timer = threading.Timer(seconds, lambda: [p.kill() for p in multiprocessing.active_children()])
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+    """:func:`process_watchdog.watchdog` with this module's bound."""
+    return process_watchdog.watchdog(seconds)
 
 
 # ------------------------------------------------------------------------------------------

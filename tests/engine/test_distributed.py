@@ -8,12 +8,10 @@ hang fails the test instead of blocking the session. All runs use the synthetic 
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -26,6 +24,8 @@ from detector.engine.hooks import CallbackHook
 from detector.modeling import BoxCoder
 from detector.modeling.losses import retinanet_losses
 from detector.utils import comm
+
+import process_watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")
@@ -86,20 +86,9 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
 def watchdog(seconds=WATCHDOG_S):
-    """Kill the processes this test spawned if it takes longer than ``seconds``."""
-    def kill_children():
-        for child in multiprocessing.active_children():
-            child.kill()
-
-    timer = threading.Timer(seconds, kill_children)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+    """:func:`process_watchdog.watchdog` with this module's bound."""
+    return process_watchdog.watchdog(seconds)
 
 
 def child_env():

@@ -3,14 +3,11 @@
 Multi-process runs are bounded by DIST.TIMEOUT_MINUTES and by a watchdog that kills the spawned
 processes; torchrun runs by a subprocess timeout.
 """
-import contextlib
 import json
 import logging
-import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -23,6 +20,8 @@ from detector.engine.launch import LaunchError, check_launch_arguments
 from detector.utils import comm
 from detector.utils.logger import setup_logger
 from tool_loader import load_tool
+
+import process_watchdog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -46,16 +45,9 @@ def parse_args(out_dir, *extra):
         ["--config-file", CONFIG] + tiny_opts(out_dir, *extra))
 
 
-@contextlib.contextmanager
 def watchdog(seconds=WATCHDOG_S):
-    """Kill the processes this test spawned if it takes longer than ``seconds``."""
-    timer = threading.Timer(seconds, lambda: [p.kill() for p in multiprocessing.active_children()])
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        timer.cancel()
+    """:func:`process_watchdog.watchdog` with this module's bound."""
+    return process_watchdog.watchdog(seconds)
 
 
 @pytest.fixture
