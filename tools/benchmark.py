@@ -414,7 +414,7 @@ def main(argv=None):
         from benchmark_effdet import run_efficientdet
 
         results[f"EfficientDet-D{args.variant}"] = run_efficientdet(args)
-    print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.size}")
+    print(f"\nsummary: ratio ours/reference speed (>1: ours faster), {args.size}x{args.width or args.size}")
     print(f"{'model':<22}{'reference':>13}{'inference':>11}{'train':>9}{'max score diff':>16}"
           f"{'max box diff':>14}{'min mask IoU':>14}{'forward':>9}{'backward':>10}"
           f"{'peak mem train':>16}")
