@@ -7,15 +7,13 @@ from detector.modeling import build_neck
 from detector.modeling.neck import PConvNeck
 
 from modeling_testutils import tiny_cfg
-from neck_testutils import falling_loss_on_shapes
-
-BACKBONE_SHAPES = {f"c{k}": ShapeSpec(channels=4 * k, stride=2 ** k) for k in range(2, 6)}
-
-
-def _features(size=128, names=("c2", "c3", "c4", "c5")):
-    g = torch.Generator().manual_seed(0)
-    return {n: torch.randn(2, BACKBONE_SHAPES[n].channels, size // BACKBONE_SHAPES[n].stride,
-                           size // BACKBONE_SHAPES[n].stride, generator=g) for n in names}
+from neck_testutils import (
+    BACKBONE_SHAPES,
+    assert_levels_and_shapes,
+    assert_odd_sizes_round_up,
+    backbone_features,
+    falling_loss_on_shapes,
+)
 
 
 @pytest.mark.parametrize("min_level,max_level,num_convs", [(3, 5, 2), (3, 7, 1), (2, 6, 3),
@@ -23,26 +21,14 @@ def _features(size=128, names=("c2", "c3", "c4", "c5")):
 def test_levels_and_shapes(min_level, max_level, num_convs):
     neck = PConvNeck(input_shape=BACKBONE_SHAPES, out_channels=8, min_level=min_level,
                      max_level=max_level, num_convs=num_convs, norm="BN")
-    out = neck(_features())
-    names = [f"p{k}" for k in range(min_level, max_level + 1)]
-    assert list(out) == names and list(neck.output_shape()) == names
+    assert_levels_and_shapes(neck, neck(backbone_features()), min_level, max_level, 8)
     assert len(neck.pyramid_convs) == num_convs
-    for k in range(min_level, max_level + 1):
-        assert out[f"p{k}"].shape == (2, 8, 128 // 2 ** k, 128 // 2 ** k)
-        assert neck.output_shape()[f"p{k}"] == ShapeSpec(channels=8, stride=2 ** k)
 
 
 def test_odd_sizes_round_up_and_mismatches_are_reported():
     neck = PConvNeck(input_shape=BACKBONE_SHAPES, out_channels=8, min_level=3, max_level=7,
                      num_convs=2)
-    feats = {"c3": torch.randn(1, 12, 13, 9), "c4": torch.randn(1, 16, 7, 5),
-             "c5": torch.randn(1, 20, 4, 3)}
-    out = neck(feats)
-    assert [tuple(out[f"p{k}"].shape[-2:]) for k in range(3, 8)] == [
-        (13, 9), (7, 5), (4, 3), (2, 2), (1, 1)]
-    feats["c4"] = torch.randn(1, 16, 6, 5)
-    with pytest.raises(ValueError, match=r"PConv p3 -> p4: resampled to \(7, 5\)"):
-        neck(feats)
+    assert_odd_sizes_round_up(neck, r"PConv p3 -> p4: resampled to \(7, 5\)")
 
 
 def test_two_levels_by_hand():
@@ -114,10 +100,10 @@ def test_extra_levels_are_inputs_made_from_c5():
     extra_inputs = (20 * 16 * 9 + 16) + (16 * 16 * 9 + 16)
     count = sum(p.numel() for p in neck.parameters())
     assert count == _pconv_parameters_of_the_original([12, 16, 20, 16, 16], 16, 2, 2) + extra_inputs
-    feats = _features(names=("c3", "c4", "c5"))
+    feats = backbone_features(names=("c3", "c4", "c5"))
     neck.eval()
-    p6_input = neck.extra_inputs.convs["p6"](feats["c5"])
-    p7_input = neck.extra_inputs.convs["p7"](torch.relu(p6_input))
+    p6_input = neck.inputs.extra.convs["p6"](feats["c5"])
+    p7_input = neck.inputs.extra.convs["p7"](torch.relu(p6_input))
     inputs = [feats["c3"], feats["c4"], feats["c5"], p6_input, p7_input]
     x = [neck.projections[f"p{k}"](t) for k, t in zip(range(3, 8), inputs)]
     for repeat in neck.pyramid_convs:

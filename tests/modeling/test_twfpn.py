@@ -6,39 +6,25 @@ from detector.modeling import build_neck
 from detector.modeling.neck import TwoWayFPNNeck
 
 from modeling_testutils import tiny_cfg
-from neck_testutils import falling_loss_on_shapes
-
-BACKBONE_SHAPES = {f"c{k}": ShapeSpec(channels=4 * k, stride=2 ** k) for k in range(2, 6)}
-
-
-def _features(size=64, names=("c3", "c4", "c5")):
-    g = torch.Generator().manual_seed(0)
-    return {n: torch.randn(2, BACKBONE_SHAPES[n].channels, size // BACKBONE_SHAPES[n].stride,
-                           size // BACKBONE_SHAPES[n].stride, generator=g) for n in names}
+from neck_testutils import (
+    BACKBONE_SHAPES,
+    assert_levels_and_shapes,
+    assert_odd_sizes_round_up,
+    backbone_features,
+    falling_loss_on_shapes,
+)
 
 
 @pytest.mark.parametrize("min_level,max_level", [(3, 5), (3, 7), (2, 6), (4, 4)])
 def test_levels_and_shapes(min_level, max_level):
     neck = TwoWayFPNNeck(input_shape=BACKBONE_SHAPES, out_channels=8, min_level=min_level,
                          max_level=max_level, norm="BN")
-    out = neck(_features(128, names=("c2", "c3", "c4", "c5")))
-    names = [f"p{k}" for k in range(min_level, max_level + 1)]
-    assert list(out) == names and list(neck.output_shape()) == names
-    for k in range(min_level, max_level + 1):
-        assert out[f"p{k}"].shape == (2, 8, 128 // 2 ** k, 128 // 2 ** k)
-        assert neck.output_shape()[f"p{k}"] == ShapeSpec(channels=8, stride=2 ** k)
+    assert_levels_and_shapes(neck, neck(backbone_features()), min_level, max_level, 8)
 
 
 def test_odd_sizes_round_up_and_mismatches_are_reported():
     neck = TwoWayFPNNeck(input_shape=BACKBONE_SHAPES, out_channels=8, min_level=3, max_level=7)
-    feats = {"c3": torch.randn(1, 12, 13, 9), "c4": torch.randn(1, 16, 7, 5),
-             "c5": torch.randn(1, 20, 4, 3)}
-    out = neck(feats)
-    assert [tuple(out[f"p{k}"].shape[-2:]) for k in range(3, 8)] == [
-        (13, 9), (7, 5), (4, 3), (2, 2), (1, 1)]
-    feats["c4"] = torch.randn(1, 16, 6, 5)
-    with pytest.raises(ValueError, match=r"TwoWayFPN bottom-up p3 -> p4: resampled to \(7, 5\)"):
-        neck(feats)
+    assert_odd_sizes_round_up(neck, r"TwoWayFPN bottom-up p3 -> p4: resampled to \(7, 5\)")
 
 
 def test_two_levels_by_hand():
@@ -118,10 +104,10 @@ def test_extra_levels_are_inputs_made_from_c5():
     # the paths with 16-channel inputs
     extra_inputs = (20 * 16 * 9 + 16) + (16 * 16 * 9 + 16)
     assert count == _twfpn_parameters_of_the_original([12, 16, 20, 16, 16], 16, 2) + extra_inputs
-    feats = _features(128)
+    feats = backbone_features(128, names=("c3", "c4", "c5"))
     out = neck(feats)
-    p6_input = neck.extra_inputs.convs["p6"](feats["c5"])
-    p7_input = neck.extra_inputs.convs["p7"](torch.relu(p6_input))
+    p6_input = neck.inputs.extra.convs["p6"](feats["c5"])
+    p7_input = neck.inputs.extra.convs["p7"](torch.relu(p6_input))
     top_down_p7 = neck.top_down_laterals["p7"](p7_input)
     bottom_up_p7 = neck.bottom_up_fusions["p7"]([
         torch.nn.functional.max_pool2d(_bottom_up(neck, feats, 6), 2, 2, ceil_mode=True),
@@ -132,7 +118,7 @@ def test_extra_levels_are_inputs_made_from_c5():
 def _bottom_up(neck, feats, level):
     """The bottom-up path's value at ``level`` recomputed from the module's parts."""
     inputs = {k: feats[f"c{k}"] for k in (3, 4, 5)}
-    inputs.update(zip((6, 7), neck.extra_inputs(feats["c5"])))
+    inputs.update(zip((6, 7), neck.inputs.extra(feats["c5"])))
     x = neck.bottom_up_laterals["p3"](inputs[3])
     for k in range(4, level + 1):
         pooled = torch.nn.functional.max_pool2d(x, 2, 2, ceil_mode=True)
@@ -145,7 +131,7 @@ def test_fusion_weights_stay_non_negative_when_pushed_negative():
     neck = TwoWayFPNNeck(input_shape=BACKBONE_SHAPES, out_channels=8, min_level=3, max_level=5)
     fusions = list(neck.top_down_fusions.values()) + list(neck.bottom_up_fusions.values())
     optimizer = torch.optim.SGD([f.edge_weights for f in fusions], lr=1.0)
-    feats = _features()
+    feats = backbone_features(64, names=("c3", "c4", "c5"))
     for step in range(3):
         optimizer.zero_grad()
         # the first input's weight is rewarded for growing, the second's for going negative

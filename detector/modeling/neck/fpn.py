@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec, fused_conv_norm_act
+from detector.layers import ConvNormAct, ShapeSpec, as_norm_spec, fused_conv_norm_act
 
-from .build import NECK_REGISTRY
+from .build import NECK_REGISTRY, neck_options
 
 __all__ = ["FeaturePyramidNetwork", "FPN", "TOP_BLOCKS"]
 
@@ -123,15 +123,8 @@ class FeaturePyramidNetwork(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
-        return {
-            "input_shape": input_shape,
-            "out_channels": cfg.MODEL.NECK.OUT_CHANNELS,
-            "min_level": cfg.MODEL.NECK.MIN_LEVEL,
-            "max_level": cfg.MODEL.NECK.MAX_LEVEL,
-            "top_block": cfg.MODEL.NECK.TOP_BLOCK,
-            "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN,
-            "norm": NormSpec.from_config(cfg, cfg.MODEL.NECK.NORM, key="MODEL.NECK.NORM"),
-        }
+        return {"input_shape": input_shape, "top_block": cfg.MODEL.NECK.TOP_BLOCK,
+                "top_block_in": cfg.MODEL.NECK.TOP_BLOCK_IN, **neck_options(cfg)}
 
 
 def _init_weight_(weight: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ levels (the original reused the same variables at every level).
 Differences from the original: its "finer" 1x1 conv was declared with dilation 2, which does
 nothing for a 1x1 kernel and is left out. Levels above 5 were left to backbone hooks there; here
 they are inputs made from ``c5`` as RetinaNet makes P6/P7 (see
-:class:`detector.modeling.neck.twfpn.ExtraInputLevels`), so every level takes part in the
+:class:`detector.modeling.neck.pyramid_inputs.ExtraInputLevels`), so every level takes part in the
 pyramid convolution as in SEPC's P3-P7.
 """
 from typing import Dict
@@ -27,8 +27,8 @@ from torch import nn
 
 from detector.layers import ConvNormAct, NormSpec, ShapeSpec, as_norm_spec, glorot_uniform_
 
-from .build import NECK_REGISTRY
-from .twfpn import ExtraInputLevels, backbone_levels_for, check_same_size
+from .build import NECK_REGISTRY, neck_options
+from .pyramid_inputs import PyramidInputs, check_same_size
 
 __all__ = ["PConvNeck", "PConv", "PyramidConv"]
 
@@ -83,15 +83,12 @@ class PConvNeck(nn.Module):
         if out_channels <= 0 or num_convs < 0:
             raise ValueError(f"MODEL.NECK.OUT_CHANNELS={out_channels} must be positive and "
                              f"MODEL.PCONV.NUM_CONVS={num_convs} non-negative")
-        self.backbone_levels = backbone_levels_for(input_shape, min_level, max_level, "PConv")
-        self.min_level, self.max_level, self.out_channels = min_level, max_level, out_channels
+        self.inputs = PyramidInputs(input_shape=input_shape, out_channels=out_channels,
+                                    min_level=min_level, max_level=max_level, neck="PConv")
+        self.out_channels = out_channels
         self.levels = list(range(min_level, max_level + 1))
         spec = as_norm_spec(norm, "MODEL.NECK.NORM")
-        self.extra_inputs = (ExtraInputLevels(c5_channels=input_shape["c5"].channels,
-                                              out_channels=out_channels, max_level=max_level)
-                             if max_level > 5 else None)
-        in_channels = {k: input_shape[f"c{k}"].channels for k in self.backbone_levels}
-        in_channels.update({k: out_channels for k in range(6, max_level + 1)})
+        in_channels = self.inputs.channels
         self.projections = nn.ModuleDict({
             f"p{k}": ConvNormAct(in_channels[k], out_channels, 1, norm="", activation=None,
                                  weight_init=glorot_uniform_)
@@ -104,9 +101,7 @@ class PConvNeck(nn.Module):
                 for k in self.levels}
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = {k: features[f"c{k}"] for k in self.backbone_levels}
-        if self.extra_inputs is not None:
-            inputs.update(zip(range(6, self.max_level + 1), self.extra_inputs(features["c5"])))
+        inputs = self.inputs(features)
         x = [self.projections[f"p{k}"](inputs[k]) for k in self.levels]
         for pyramid_conv in self.pyramid_convs:
             x = pyramid_conv(x)
@@ -114,14 +109,8 @@ class PConvNeck(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
-        return {
-            "input_shape": input_shape,
-            "out_channels": cfg.MODEL.NECK.OUT_CHANNELS,
-            "min_level": cfg.MODEL.NECK.MIN_LEVEL,
-            "max_level": cfg.MODEL.NECK.MAX_LEVEL,
-            "num_convs": cfg.MODEL.PCONV.NUM_CONVS,
-            "norm": NormSpec.from_config(cfg, cfg.MODEL.NECK.NORM, key="MODEL.NECK.NORM"),
-        }
+        return {"input_shape": input_shape, "num_convs": cfg.MODEL.PCONV.NUM_CONVS,
+                **neck_options(cfg)}
 
 
 @NECK_REGISTRY.register()

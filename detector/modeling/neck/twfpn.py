@@ -21,7 +21,7 @@ P6/P7 (a 3x3 stride-2 conv, then ReLU + 3x3 stride-2 conv for each further level
 output level goes through both paths. The original's L2 weight decay on the laterals is the
 optimizer's weight decay here.
 """
-from typing import Dict, List
+from typing import Dict
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,6 @@ from torch import nn
 from detector.layers import (
     ConvNormAct,
     NormalizedFusion,
-    NormSpec,
     SeparableConvNormAct,
     ShapeSpec,
     as_norm_spec,
@@ -38,63 +37,10 @@ from detector.layers import (
     glorot_uniform_,
 )
 
-from .build import NECK_REGISTRY
+from .build import NECK_REGISTRY, neck_options
+from .pyramid_inputs import PyramidInputs, check_same_size
 
-__all__ = ["TwoWayFPNNeck", "TwoWayFPN", "ExtraInputLevels", "backbone_levels_for",
-           "check_same_size"]
-
-
-def backbone_levels_for(input_shape: Dict[str, ShapeSpec], min_level: int, max_level: int,
-                        neck: str) -> List[int]:
-    """The levels ``min_level..min(5, max_level)`` read from the backbone's ``c<k>``, after
-    checking the level range, that they exist and their strides."""
-    if not 1 <= min_level <= 5 or max_level < min_level:
-        raise ValueError(f"MODEL.NECK.MIN_LEVEL={min_level}, MAX_LEVEL={max_level}: {neck} needs "
-                         "1 <= MIN_LEVEL <= 5 and MAX_LEVEL >= MIN_LEVEL")
-    levels = list(range(min_level, min(5, max_level) + 1))
-    needed = [f"c{k}" for k in levels] + (["c5"] if max_level > 5 else [])
-    missing = sorted(set(needed) - set(input_shape))
-    if missing:
-        raise ValueError(f"{neck} levels P{min_level}-P{max_level} (MODEL.NECK.MIN_LEVEL/"
-                         f"MAX_LEVEL) need backbone features {missing}; add them to "
-                         f"MODEL.BACKBONE.OUT_FEATURES (has {sorted(input_shape)})")
-    for k in levels:
-        if input_shape[f"c{k}"].stride != 2 ** k:
-            raise ValueError(f"Backbone feature c{k} has stride {input_shape[f'c{k}'].stride}, "
-                             f"expected {2 ** k}")
-    return levels
-
-
-def check_same_size(x: torch.Tensor, reference: torch.Tensor, what: str) -> torch.Tensor:
-    """``x`` if its spatial size is ``reference``'s, else a one-line error naming ``what``."""
-    if x.shape[-2:] != reference.shape[-2:]:
-        raise ValueError(f"{what}: resampled to {tuple(x.shape[-2:])} but the level is "
-                         f"{tuple(reference.shape[-2:])}; backbone levels must halve (rounding "
-                         "up) from one level to the next")
-    return x
-
-
-class ExtraInputLevels(nn.Module):
-    """Inputs for the levels 6..max_level: a 3x3 stride-2 conv on ``c5``, then ReLU + a 3x3
-    stride-2 conv on the previous one (RetinaNet's P6/P7 block, without a norm)."""
-
-    def __init__(self, *, c5_channels: int, out_channels: int, max_level: int):
-        super().__init__()
-        self.convs = nn.ModuleDict()
-        in_channels = c5_channels
-        for k in range(6, max_level + 1):
-            conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
-            glorot_uniform_(conv.weight)
-            nn.init.zeros_(conv.bias)
-            self.convs[f"p{k}"] = conv
-            in_channels = out_channels
-
-    def forward(self, c5: torch.Tensor) -> List[torch.Tensor]:
-        outputs, x = [], c5
-        for i, conv in enumerate(self.convs.values()):
-            x = conv(x if i == 0 else F.relu(x))
-            outputs.append(x)
-        return outputs
+__all__ = ["TwoWayFPNNeck", "TwoWayFPN"]
 
 
 class TwoWayFPNNeck(nn.Module):
@@ -112,15 +58,12 @@ class TwoWayFPNNeck(nn.Module):
         super().__init__()
         if out_channels <= 0:
             raise ValueError(f"MODEL.NECK.OUT_CHANNELS={out_channels} must be positive")
-        self.backbone_levels = backbone_levels_for(input_shape, min_level, max_level, "TwoWayFPN")
-        self.min_level, self.max_level, self.out_channels = min_level, max_level, out_channels
+        self.inputs = PyramidInputs(input_shape=input_shape, out_channels=out_channels,
+                                    min_level=min_level, max_level=max_level, neck="TwoWayFPN")
+        self.out_channels = out_channels
         self.levels = list(range(min_level, max_level + 1))
         spec = check_layer_norm(as_norm_spec(norm, "MODEL.NECK.NORM"))
-        self.extra_inputs = (ExtraInputLevels(c5_channels=input_shape["c5"].channels,
-                                              out_channels=out_channels, max_level=max_level)
-                             if max_level > 5 else None)
-        in_channels = {k: input_shape[f"c{k}"].channels for k in self.backbone_levels}
-        in_channels.update({k: out_channels for k in range(6, max_level + 1)})
+        in_channels = self.inputs.channels
 
         def lateral(k):
             return ConvNormAct(in_channels[k], out_channels, 1, norm=spec,
@@ -147,10 +90,7 @@ class TwoWayFPNNeck(nn.Module):
                 for k in self.levels}
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        inputs = {k: features[f"c{k}"] for k in self.backbone_levels}
-        if self.extra_inputs is not None:
-            inputs.update(zip(range(6, self.max_level + 1), self.extra_inputs(features["c5"])))
-
+        inputs = self.inputs(features)
         top_down, previous = {}, None
         for k in reversed(self.levels):
             x = self.top_down_laterals[f"p{k}"](inputs[k])
@@ -173,13 +113,7 @@ class TwoWayFPNNeck(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]) -> dict:
-        return {
-            "input_shape": input_shape,
-            "out_channels": cfg.MODEL.NECK.OUT_CHANNELS,
-            "min_level": cfg.MODEL.NECK.MIN_LEVEL,
-            "max_level": cfg.MODEL.NECK.MAX_LEVEL,
-            "norm": NormSpec.from_config(cfg, cfg.MODEL.NECK.NORM, key="MODEL.NECK.NORM"),
-        }
+        return {"input_shape": input_shape, **neck_options(cfg)}
 
 
 @NECK_REGISTRY.register()
