@@ -111,24 +111,25 @@ def _norm_affine(norm: Optional[nn.Module]) -> Optional[Tuple[Optional[torch.Ten
 
 def fold_norm_into_conv(conv: nn.Conv2d, norm: Optional[nn.Module]
                         ) -> Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(weight, bias) of one conv computing ``norm(conv(x))``, in float32; None when ``norm``
-    is not a fixed affine map (GroupNorm, EvoNorm, BatchNorm in training mode)."""
+    """(weight, bias) of one conv computing ``norm(conv(x))``, in autograd ops (gradients reach
+    the conv and any trainable affine parameters of the norm); None when ``norm`` is not a fixed
+    affine map (GroupNorm, EvoNorm, BatchNorm in training mode)."""
     affine = _norm_affine(norm)
     if affine is None:
         return None
-    weight, bias = conv.weight.detach(), None if conv.bias is None else conv.bias.detach()
     norm_weight, norm_bias, mean, var, eps = affine
+    weight, bias = conv.weight, conv.bias
     if mean is None:
-        return weight.float(), None if bias is None else bias.float()
-    scale = torch.rsqrt(var.detach().float() + eps)
+        return weight, bias
+    scale = torch.rsqrt(var + eps)
     if norm_weight is not None:
-        scale = scale * norm_weight.detach().float()
-    shift = -mean.detach().float() * scale
+        scale = scale * norm_weight
+    shift = -mean * scale
     if norm_bias is not None:
-        shift = shift + norm_bias.detach().float()
+        shift = shift + norm_bias
     if bias is not None:
-        shift = shift + bias.float() * scale
-    return weight.float() * scale.view(-1, 1, 1, 1), shift
+        shift = shift + bias * scale
+    return weight * scale.view(-1, 1, 1, 1), shift
 
 
 def _sources(conv: nn.Conv2d, norm: Optional[nn.Module]):
@@ -150,7 +151,8 @@ def _cached_weights(conv: nn.Conv2d, norm: Optional[nn.Module], dtype: torch.dty
     hit = cache.get((dtype, id(norm)))
     if hit is not None and hit[0] == key:
         return hit[1]
-    folded = fold_norm_into_conv(conv, norm)
+    with torch.no_grad():
+        folded = fold_norm_into_conv(conv, norm)
     if folded is None:
         return None
     weight, bias = folded
@@ -173,18 +175,10 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
     """Training through a fixed norm: the norm folded into the conv weight with autograd ops, so
     gradients reach the conv (and the norm's affine parameters, if they train) unchanged, while
     the feature map skips the norm's passes forward and backward."""
-    affine = _norm_affine(norm)
-    if affine is None:
+    folded = fold_norm_into_conv(conv, norm)
+    if folded is None:
         return None
-    norm_weight, norm_bias, mean, var, eps = affine
-    weight, bias = conv.weight, conv.bias
-    if mean is not None:
-        scale = torch.rsqrt(var + eps)
-        if norm_weight is not None:
-            scale = scale * norm_weight
-        shift = -mean * scale + (norm_bias if norm_bias is not None else 0.0)
-        bias = shift if bias is None else shift + bias * scale
-        weight = weight * scale.view(-1, 1, 1, 1)
+    weight, bias = folded
     y = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
                              conv.groups)
     if residual is not None:
