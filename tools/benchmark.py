@@ -34,6 +34,7 @@ import torch
 from benchmark_common import (
     add_timing_args,
     amp_fn,
+    amp_rows,
     conv_peak_gflops,
     detail_rows,
     freeze_like_released_detection_weights,
@@ -156,15 +157,9 @@ def inference_extras(args, tv_infer, our_infer, tv_batch_infer, our_batch_infer,
         rows[f"inference_img_per_s_batch{b}"] = (b / seconds[0], b / seconds[1],
                                                  seconds[0] / seconds[1])
     if args.amp:
-        device = torch.device(args.device)
-        ref_amp, our_amp = time_pair(amp_fn(tv_infer, device), amp_fn(our_infer, device),
-                                     args.iters, args.warmup)
-        bi = args.infer_batch
-        ref_amp_ms, our_amp_ms = ref_amp * 1000 / bi, our_amp * 1000 / bi
-        rows["inference_ms_per_img_amp"] = (ref_amp_ms, our_amp_ms, ref_amp_ms / our_amp_ms)
-        rows["amp_vs_reference_fp32_ms"] = (fp32_ms[0], our_amp_ms, fp32_ms[0] / our_amp_ms)
-        rate = [2.0 * macs / (ms / 1000) / 1e9 for ms in (ref_amp_ms, our_amp_ms)]
-        rows["inference_GFLOP_per_s_amp"] = (rate[0], rate[1], rate[1] / rate[0])
+        rows.update(amp_rows(tv_infer, our_infer, device=args.device, batch=args.infer_batch,
+                             ref_fp32_ms=fp32_ms[0], iters=args.iters, warmup=args.warmup,
+                             macs=macs))
     return rows
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ["amp_context", "amp_fn", "conv_peak_gflops", "stage_breakdown", "print_breakdown",
+__all__ = ["amp_context", "amp_fn", "amp_rows", "conv_peak_gflops", "stage_breakdown", "print_breakdown",
            "STAGES", "time_one", "time_pair", "train_step", "TrainStep", "phase_ms", "profile", "speed_rows",
            "detail_rows", "print_rows", "write_json", "add_timing_args", "randomize_batchnorms",
            "freeze_like_released_detection_weights", "inference_macs", "peak_memory_mb",
@@ -197,6 +197,23 @@ def amp_fn(fn: Callable, device: torch.device) -> Callable[[], None]:
         with amp_context(device):
             fn()
     return run
+
+
+def amp_rows(ref_infer: Callable, our_infer: Callable, *, device, batch: int,
+             ref_fp32_ms: float, iters: int, warmup: int, macs: Optional[int] = None) -> Rows:
+    """Both sides' inference (``batch`` images per call) timed under :func:`amp_context`:
+    ``inference_ms_per_img_amp``, ours under autocast against the reference in fp32
+    (``ref_fp32_ms`` per image) and, given the multiply-adds, the FLOP rates; each row
+    (reference, ours, ratio ours-faster > 1)."""
+    device = torch.device(device)
+    seconds = time_pair(amp_fn(ref_infer, device), amp_fn(our_infer, device), iters, warmup)
+    ref_ms, our_ms = (s * 1000 / batch for s in seconds)
+    rows = {"inference_ms_per_img_amp": (ref_ms, our_ms, ref_ms / our_ms),
+            "amp_vs_reference_fp32_ms": (ref_fp32_ms, our_ms, ref_fp32_ms / our_ms)}
+    if macs is not None:
+        rate = [2.0 * macs / (ms / 1000) / 1e9 for ms in (ref_ms, our_ms)]
+        rows["inference_GFLOP_per_s_amp"] = (rate[0], rate[1], rate[1] / rate[0])
+    return rows
 
 
 def conv_peak_gflops(device="cpu", dtype: torch.dtype = torch.float32, iters: int = 20) -> float:

@@ -20,7 +20,7 @@ import torch
 
 from benchmark_common import (
     add_timing_args,
-    amp_fn,
+    amp_rows,
     detail_rows,
     inference_macs,
     infer_fn,
@@ -208,15 +208,9 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
         profile("effdet inference", infer_theirs)
         profile("detector inference", infer_ours)
     infer_seconds = time_pair(infer_theirs, infer_ours, args.iters, args.warmup)
-    amp_rows = {}
-    if getattr(args, "amp", False):
-        # both under the autocast of TEST.AMP.ENABLED (bf16 on CPU, fp16 on CUDA)
-        amp_seconds = time_pair(amp_fn(infer_theirs, device), amp_fn(infer_ours, device),
-                                args.iters, args.warmup)
-        ref_ms, our_ms = (s * 1000 / bi for s in amp_seconds)
-        amp_rows = {"inference_ms_per_img_amp": (ref_ms, our_ms, ref_ms / our_ms),
-                    "amp_vs_reference_fp32_ms": (infer_seconds[0] * 1000 / bi, our_ms,
-                                                 infer_seconds[0] * 1000 / bi / our_ms)}
+    amp = {} if not getattr(args, "amp", False) else amp_rows(
+        infer_theirs, infer_ours, device=device, batch=bi,
+        ref_fp32_ms=infer_seconds[0] * 1000 / bi, iters=args.iters, warmup=args.warmup)
 
     their_train_x = normalized(ours, images[:bt])
     train_target = {k: v[:bt] for k, v in target.items()}
@@ -249,7 +243,7 @@ def run_efficientdet(args, *, profile_ops: bool = False, effdet_loader_labels: b
                             inference_macs(ours, args.size, args.size),
                             (rows["inference_ms_per_img"][0], rows["inference_ms_per_img"][1]),
                             memory))
-    rows.update(amp_rows)
+    rows.update(amp)
     labels = "effdet labels precomputed" if effdet_loader_labels else "both label in-step"
     print_rows(f"EfficientDet-D{args.variant}, {args.size}x{args.size}, inference batch {bi}, "
                f"train batch {bt} ({labels}), threads={torch.get_num_threads()}, median of "
