@@ -2,9 +2,11 @@ from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_n
 from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
 from .fused_conv import (
     fold_norm_into_conv,
+    foldable,
     fused_conv_norm_act,
     fusion_enabled,
     conv_norm_fusion,
+    register_frozen_norm,
 )
 from .fusion import FUSION_METHODS, NormalizedFusion
 from .norm import (
@@ -32,8 +34,8 @@ from .shape_spec import ShapeSpec
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
-    "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "fused_conv_norm_act",
-    "fusion_enabled", "conv_norm_fusion",
+    "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",
+    "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
     "replace_modules", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
-           "foldable", "activation_name"]
+           "foldable", "activation_name", "register_frozen_norm"]
 
 _state = threading.local()
 # conv -> {(dtype, id(norm)): (source versions, (weight, bias))}; outside the module, so that copying or
@@ -42,6 +42,17 @@ _state = threading.local()
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # oneDNN post-op names of the activations the fused kernel applies itself
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "swish"}
+# norm classes that are always a fixed per-channel affine map (see register_frozen_norm)
+_FROZEN_NORMS = [_TVFrozenBatchNorm2d]
+
+
+def register_frozen_norm(norm_class: type) -> type:
+    """Let the fold treat ``norm_class`` like a FrozenBatchNorm: a norm that always computes
+    ``(x - running_mean) * rsqrt(running_var + eps) * weight + bias`` from attributes of those
+    names (e.g. timm's ``FrozenBatchNormAct2d``, registered by the EfficientNet backbone)."""
+    if norm_class not in _FROZEN_NORMS:
+        _FROZEN_NORMS.append(norm_class)
+    return norm_class
 
 
 @contextlib.contextmanager
@@ -101,7 +112,7 @@ def _norm_affine(norm: Optional[nn.Module]) -> Optional[Tuple[Optional[torch.Ten
     map now; (None,) * 5 for no norm; None if the norm cannot be folded."""
     if norm is None or isinstance(norm, nn.Identity):
         return (None,) * 5
-    if isinstance(norm, _TVFrozenBatchNorm2d):
+    if isinstance(norm, tuple(_FROZEN_NORMS)):
         return norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps
     if (isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
             and norm.running_mean is not None and norm.running_var is not None):
@@ -165,9 +176,14 @@ def _cached_weights(conv: nn.Conv2d, norm: Optional[nn.Module], dtype: torch.dty
     return weight, bias
 
 
-def _fusable_conv(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str) and not parametrize.is_parametrized(conv))
+def _fusable_conv(conv: nn.Module, padded_input: bool) -> bool:
+    if padded_input:
+        # a conv whose own forward pads (TF "same"): the caller padded, so only its zero padding
+        # attribute may remain
+        plain = isinstance(conv, nn.Conv2d) and tuple(conv.padding) == (0, 0)
+    else:
+        plain = type(conv) is nn.Conv2d and not isinstance(conv.padding, str)
+    return plain and conv.padding_mode == "zeros" and not parametrize.is_parametrized(conv)
 
 
 def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Module],
@@ -188,14 +204,17 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
 
 def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Module] = None,
                         activation: Optional[nn.Module] = None,
-                        residual: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+                        residual: Optional[torch.Tensor] = None, *,
+                        padded_input: bool = False) -> Optional[torch.Tensor]:
     """``activation(norm(conv(x)) + residual)`` with the norm folded into the conv, or None when
     that does not apply (see the module docstring); the caller then runs its eager code.
-    ``residual`` (optional) is added before the activation.
+    ``residual`` (optional) is added before the activation. ``padded_input``: ``x`` is already
+    padded as ``conv``'s own forward would pad it (a TF "same" conv subclass with zero
+    ``padding``), so the conv runs on ``x`` as is.
 
     Without gradients to compute (inference, or a frozen block on an input that needs none) on
     CPU: one fused oneDNN convolution. With gradients: the folded conv in autograd ops."""
-    if not (getattr(_state, "enabled", False) and _fusable_conv(conv)) or _tracing():
+    if not (getattr(_state, "enabled", False) and _fusable_conv(conv, padded_input)) or _tracing():
         return None
     if activation_name(activation) is None:
         return None

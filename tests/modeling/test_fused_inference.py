@@ -1,13 +1,14 @@
 """MODEL.FUSE_CONV_NORM: a RetinaNet with conv + frozen norm + ReLU blocks folded gives the
-detections, losses and gradients of its eager blocks; batched postprocessing equals the per-image
-algorithm."""
+detections, losses and gradients of its eager blocks, and so does timm's EfficientNet backbone;
+batched postprocessing equals the per-image algorithm."""
 import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from detector.layers import FrozenBatchNorm2d
+from detector.layers import FrozenBatchNorm2d, conv_norm_fusion
 from detector.layers.fused_conv import _AVAILABLE
 from detector.modeling import build_model
+from detector.modeling.backbone import efficientnet
 from detector.modeling.box_coder import BoxCoder
 from detector.modeling.postprocessing import retinanet_inference, topk_above_threshold
 from detector.structures import Boxes
@@ -70,6 +71,80 @@ def test_fused_training_step_equals_eager(single_thread):
         torch.testing.assert_close(fused_losses[k], eager_losses[k], rtol=1e-4, atol=1e-6)
     assert eager_grads.keys() == fused_grads.keys()
     assert any(n.startswith("backbone.layer2") for n in fused_grads)  # trainable, FrozenBN
+    for n in eager_grads:
+        torch.testing.assert_close(fused_grads[n], eager_grads[n], rtol=1e-3, atol=1e-5)
+
+
+def _random_statistics(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "running_var") and m.running_var is not None:
+            c = m.running_var.numel()
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
+def _count_fused_blocks(monkeypatch):
+    calls = []
+    original = efficientnet._fused_block
+
+    def counting(block, x):
+        calls.append(type(block).__name__)
+        return original(block, x)
+
+    monkeypatch.setattr(efficientnet, "_fused_block", counting)
+    return calls
+
+
+@pytest.mark.skipif(not _AVAILABLE, reason="this torch build has no oneDNN fused conv")
+@pytest.mark.parametrize("padding", ["same", "symmetric"])
+def test_fused_efficientnet_equals_eager(padding, single_thread, monkeypatch):
+    torch.manual_seed(0)
+    backbone = efficientnet.EfficientNetBackbone(variant="b0", padding_mode=padding,
+                                                 out_features=("c2", "c3", "c4", "c5"))
+    backbone = _random_statistics(backbone).eval()
+    x = torch.randn(2, 3, 72, 64).contiguous(memory_format=torch.channels_last)
+    calls = _count_fused_blocks(monkeypatch)
+    with torch.no_grad():
+        eager = backbone(x)
+        assert not calls
+        with conv_norm_fusion(True):
+            fused = backbone(x)
+    # every MBConv and depthwise-separable block of B0 took the folded path
+    assert sorted(set(calls)) == ["DepthwiseSeparableConv", "InvertedResidual"]
+    assert len(calls) == sum(len(stage) for stage in backbone.body.blocks)
+    assert list(fused) == list(eager) == ["c2", "c3", "c4", "c5"]
+    for name in eager:
+        torch.testing.assert_close(fused[name], eager[name], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_efficientnet_training_with_frozen_bn_equals_eager(single_thread, monkeypatch):
+    """FrozenBN trains the convs through the fold; drop path stays a separate, seeded step."""
+    torch.manual_seed(0)
+    backbone = efficientnet.EfficientNetBackbone(variant="b0", norm="FrozenBN", freeze_at=2,
+                                                 drop_path_rate=0.3)
+    backbone = _random_statistics(backbone).train()
+    x = torch.randn(2, 3, 64, 64)
+    calls = _count_fused_blocks(monkeypatch)
+    results = []
+    for fused in (False, True):
+        backbone.zero_grad()
+        torch.manual_seed(5)  # the same drop-path draws in both runs
+        with conv_norm_fusion(fused):
+            features = backbone(x)
+        sum((f * f).mean() for f in features.values()).backward()
+        grads = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
+        results.append((features, grads))
+    assert calls
+    (eager, eager_grads), (fused, fused_grads) = results
+    for name in eager:
+        torch.testing.assert_close(fused[name], eager[name], rtol=1e-4, atol=1e-5)
+    assert eager_grads.keys() == fused_grads.keys()
+    assert any(".conv_pwl." in n for n in fused_grads)  # trainable convs before frozen norms
     for n in eager_grads:
         torch.testing.assert_close(fused_grads[n], eager_grads[n], rtol=1e-3, atol=1e-5)
 

@@ -4,13 +4,27 @@ Padding "same" builds timm's ``tf_efficientnet_b<k>`` (TensorFlow SAME padding, 
 EfficientDet weights need); "symmetric" builds ``efficientnet_b<k>`` (PyTorch padding, faster).
 Both have the same parameters, so weights move between them. Parameter names are timm's under
 ``body.``, e.g. ``body.conv_stem.weight``, ``body.blocks.2.0.conv_pw.weight``.
+
+Inside :func:`detector.layers.conv_norm_fusion` (``MODEL.FUSE_CONV_NORM``), a network whose norms
+are fixed (eval mode, or FrozenBN) runs its blocks with each conv + norm + activation (+ the
+residual add) folded into one convolution (:func:`detector.layers.fused_conv_norm_act`): timm's
+own forward runs them as three to four passes over every feature map.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from detector.layers import NormSpec, as_norm_spec, check_padding_mode, replace_modules
+from detector.layers import (
+    NormSpec,
+    as_norm_spec,
+    check_padding_mode,
+    foldable,
+    fused_conv_norm_act,
+    fusion_enabled,
+    register_frozen_norm,
+    replace_modules,
+)
 
 from .base import Backbone, check_out_features
 from .build import BACKBONE_REGISTRY
@@ -45,6 +59,80 @@ def freeze_batch_norm_act(module: nn.Module) -> nn.Module:
     return replace_modules(module, _frozen_bn_act)
 
 
+def _norm_act_foldable(norm: nn.Module) -> bool:
+    """A timm norm-activation layer that is a fixed affine map followed by its activation."""
+    return isinstance(getattr(norm, "drop", None), nn.Identity) and foldable(norm, norm.act)
+
+
+def _block_foldable(block: nn.Module) -> bool:
+    """Whether :func:`_fused_block` reproduces ``block``: a timm MBConv / depthwise-separable
+    block without space-to-depth or anti-aliasing, all of whose norms are fixed."""
+    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
+
+    norms = {DepthwiseSeparableConv: ("bn1", "bn2"),
+             InvertedResidual: ("bn1", "bn2", "bn3")}.get(type(block))
+    return (norms is not None and getattr(block, "conv_s2d", None) is None
+            and isinstance(block.aa, nn.Identity)
+            and all(_norm_act_foldable(getattr(block, n)) for n in norms))
+
+
+def _conv_norm_act(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module,
+                   residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``norm(conv(x)) (+ residual)`` for a timm conv and norm-activation layer (the residual only
+    after a norm without activation), folded into one conv where it applies, else eager."""
+    from timm.layers import Conv2dSame, pad_same
+
+    conv_input = x
+    if isinstance(conv, Conv2dSame):
+        conv_input = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
+    y = fused_conv_norm_act(conv_input, conv, norm, norm.act, residual,
+                            padded_input=isinstance(conv, Conv2dSame))
+    if y is None:
+        y = norm(conv(x))
+        if residual is not None:
+            y = y + residual
+    return y
+
+
+def _squeeze_excite(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``SqueezeExcite`` with its two 1x1 convs on the pooled (N, C) vector run as linear
+    layers: as convs on a 1x1 map they take PyTorch's slow im2col path."""
+    from timm.models._efficientnet_blocks import SqueezeExcite
+
+    if type(se) is not SqueezeExcite:
+        return se(x)
+    pooled = x.mean((2, 3))
+    pooled = se.act1(nn.functional.linear(pooled, se.conv_reduce.weight.flatten(1),
+                                          se.conv_reduce.bias))
+    pooled = nn.functional.linear(pooled, se.conv_expand.weight.flatten(1), se.conv_expand.bias)
+    return x * se.gate(pooled)[:, :, None, None]
+
+
+def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``DepthwiseSeparableConv`` / ``InvertedResidual`` forward (checked by
+    :func:`_block_foldable`) with folded convs; the residual add joins the last conv unless drop
+    path is active (training)."""
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    shortcut = x
+    drop_path_active = block.training and not isinstance(block.drop_path, nn.Identity)
+    if isinstance(block, InvertedResidual):
+        x = _conv_norm_act(x, block.conv_pw, block.bn1)
+        x = _conv_norm_act(x, block.conv_dw, block.bn2)
+        last_conv, last_norm = block.conv_pwl, block.bn3
+    else:
+        x = _conv_norm_act(x, block.conv_dw, block.bn1)
+        last_conv, last_norm = block.conv_pw, block.bn2
+    x = _squeeze_excite(block.se, x)
+    # timm adds the shortcut after the last norm's activation; fused only when it has none
+    fuse_residual = (block.has_skip and not drop_path_active
+                     and isinstance(last_norm.act, nn.Identity))
+    x = _conv_norm_act(x, last_conv, last_norm, shortcut if fuse_residual else None)
+    if block.has_skip and not fuse_residual:
+        x = block.drop_path(x) + shortcut
+    return x
+
+
 class EfficientNetBackbone(Backbone):
     """Args:
         variant: "b0".."b7".
@@ -63,6 +151,9 @@ class EfficientNetBackbone(Backbone):
                  norm="BN", freeze_at: int = 0, in_channels: int = 3):
         super().__init__()
         import timm
+        from timm.layers import FrozenBatchNormAct2d
+
+        register_frozen_norm(FrozenBatchNormAct2d)
 
         if variant not in EFFICIENTNET_VARIANTS:
             raise ValueError(f"MODEL.EFFICIENTNET.VARIANT='{variant}' is not one of "
@@ -119,7 +210,23 @@ class EfficientNetBackbone(Backbone):
                     self.body.blocks[i] = freeze_batch_norm_act(block)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if (fusion_enabled() and _norm_act_foldable(self.body.bn1)
+                and self.body.feature_hooks is None and not self.body.grad_checkpointing):
+            return dict(zip(self.out_features, self._forward_folded(x)))
         return dict(zip(self.out_features, self.body(x)))
+
+    def _forward_folded(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """timm's ``EfficientNetFeatures.forward`` with every block whose norms are fixed run by
+        :func:`_fused_block` (the others by timm)."""
+        body = self.body
+        x = _conv_norm_act(x, body.conv_stem, body.bn1)
+        features = [x] if 0 in body._stage_out_idx else []
+        for i, stage in enumerate(body.blocks):
+            for block in stage:
+                x = _fused_block(block, x) if _block_foldable(block) else block(x)
+            if i + 1 in body._stage_out_idx:
+                features.append(x)
+        return features
 
     @classmethod
     def from_config(cls, cfg) -> dict:
