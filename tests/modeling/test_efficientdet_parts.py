@@ -140,6 +140,64 @@ def test_topk_over_levels_is_exact_and_falls_back():
     assert int((values == 4.0).sum()) == 420 - 36
 
 
+def _assert_exact_topk(levels, k):
+    """topk_over_levels returns torch.topk's values and k distinct indices holding them."""
+    from detector.modeling.postprocessing import topk_over_levels
+
+    full = torch.cat(levels, 1)
+    values, idxs = topk_over_levels(levels, k)
+    assert torch.equal(values, full.topk(k, dim=1).values)
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+    assert int(idxs.min()) >= 0 and int(idxs.max()) < full.shape[1]
+    assert all(row.unique().numel() == k for row in idxs)
+    assert torch.equal(full.gather(1, idxs), values)
+    return values, idxs
+
+
+def test_topk_over_levels_is_exact_under_heavy_ties():
+    # rounded logits: a handful of values, each held by thousands of logits, plus a few distinct
+    # larger ones; the k-th value and the sample's threshold land on tied values for these k
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.tensor([-7.0, -6.0, -5.0, -4.5])
+    cumulative = torch.tensor([0.395, 0.695, 0.995, 1.0])
+    levels = []
+    for num_cells in (3000, 700, 200):
+        draws = torch.rand(2, num_cells * 90, generator=g)
+        levels.append(distinct[torch.searchsorted(cumulative, draws).clamp_(max=3)])
+    for image in range(2):
+        level_idx = torch.randint(0, 3, (30,), generator=g)
+        for j, level in enumerate(level_idx.tolist()):
+            position = int(torch.randint(0, levels[level].shape[1], (1,), generator=g))
+            levels[level][image, position] = 10.0 + j + image / 2
+    for k in (100, 400, 1000, 2500):
+        _assert_exact_topk(levels, k)
+    # a tied threshold in the sample, but its 200 logits are all the whole has at or above it:
+    # fewer than k, so the full top-k is used
+    sampled_ties = torch.full((2, 31 * 4000), -5.0)
+    sampled_ties[:, 0:31 * 200:31] = 1.0
+    values, _ = _assert_exact_topk([sampled_ties], 1000)
+    assert int((values == 1.0).sum()) == 2 * 200
+
+
+def test_topk_over_levels_takes_only_the_needed_ties_in_order():
+    # image 0: all logits equal; image 1: 50 distinct larger ones, the rest equal, so the tie at
+    # the threshold straddles the k-th place in both
+    tied = -4.59375
+    levels = [torch.full((2, n * 90), tied) for n in (3000, 700, 200)]
+    g = torch.Generator().manual_seed(0)
+    high = torch.randperm(levels[1].shape[1], generator=g)[:50]
+    levels[1][1, high] = torch.arange(50.0)
+    k = 700
+    values, idxs = _assert_exact_topk(levels, k)
+    # only the ties each image needs, the first in concatenation order, were candidates: image 0
+    # gets positions 0..k-1, image 1 its 50 larger logits and the first k - 50 ties
+    assert torch.equal(idxs[0].sort().values, torch.arange(k))
+    full = torch.cat(levels, 1)
+    tied_positions = torch.nonzero(full[1] == tied).squeeze(1)
+    picked_ties = idxs[1][values[1] == tied].sort().values
+    assert torch.equal(picked_ties, tied_positions[:k - 50])
+
+
 def test_efficientnet_backbone_options():
     from timm.layers import FrozenBatchNormAct2d
 

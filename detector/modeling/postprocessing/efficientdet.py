@@ -24,8 +24,13 @@ def topk_over_levels(logits_per_level: Sequence[torch.Tensor], k: int
 
     The largest ``2 k / stride`` of a strided sample give a threshold below which, with a sample
     spread like the whole, about 2 k logits lie above; only those are ranked exactly. If any image
-    has fewer than k logits above its threshold (a sample unlike the whole), it falls back to the
-    full top-k, so the result is always the exact top-k (ties may pick other indices, as topk).
+    has fewer than k logits at or above its threshold (a sample unlike the whole), it falls back to
+    the full top-k, so the returned values are always exactly the top-k values.
+
+    Ties: the indices are k distinct positions holding those values, but among logits equal to
+    the k-th value they may differ from ``torch.topk``'s choice. If many sampled logits equal the
+    threshold (rounded logits), those equal to it are candidates only as far as an image needs
+    them to reach k, the first in concatenation order.
     Returns (N, k) values in decreasing order and their (N, k) indices into the concatenation.
     """
     sizes = [x.shape[1] for x in logits_per_level]
@@ -36,10 +41,17 @@ def topk_over_levels(logits_per_level: Sequence[torch.Tensor], k: int
     sample = torch.cat([x[:, ::_SAMPLE_STRIDE] for x in logits_per_level], dim=1)
     num_sampled = min(sample.shape[1], 2 * math.ceil(k / _SAMPLE_STRIDE) + 8)
     threshold = sample.topk(num_sampled, dim=1).values[:, -1:]
+    # the sample holding far more logits at or above the threshold than the num_sampled it was
+    # chosen for means the threshold value is tied: rounded logits (bf16 autocast, weak heads)
+    # can tie millions there, and ranking them all would dominate the time
+    if int((sample >= threshold).count_nonzero(1).max()) > 2 * num_sampled:
+        candidates = _above_and_needed_ties(logits_per_level, threshold, k)
+    else:
+        candidates = [x >= threshold for x in logits_per_level]
     images, indices, values = [], [], []
     offset = 0
-    for x, size in zip(logits_per_level, sizes):
-        image_idxs, idxs = torch.nonzero(x >= threshold, as_tuple=True)
+    for x, size, mask in zip(logits_per_level, sizes, candidates):
+        image_idxs, idxs = torch.nonzero(mask, as_tuple=True)
         images.append(image_idxs)
         indices.append(idxs + offset)
         values.append(x[image_idxs, idxs])
@@ -59,6 +71,27 @@ def topk_over_levels(logits_per_level: Sequence[torch.Tensor], k: int
     padded_idx[images, slots] = indices
     top_values, top_slots = padded.topk(k, dim=1)
     return top_values, torch.gather(padded_idx, 1, top_slots)
+
+
+def _above_and_needed_ties(logits_per_level: Sequence[torch.Tensor], threshold: torch.Tensor,
+                           k: int) -> List[torch.Tensor]:
+    """Per-level (N, R_l) masks of the logits above the (N, 1) threshold plus, per image, only as
+    many equal to it as are needed to reach k, the first in concatenation order: max(#above, k)
+    candidates per image, or fewer if fewer than k reach the threshold."""
+    # int32 counts and ranks: int64 ones over millions of logits cost more than the rest
+    above_per_level = [x > threshold for x in logits_per_level]
+    num_above = sum(mask.sum(1, dtype=torch.int32) for mask in above_per_level)
+    still_needed = (k - num_above).clamp_(min=0)[:, None]
+    for x, above in zip(logits_per_level, above_per_level):
+        if not bool(still_needed.any()):
+            break
+        if x.shape[1] == 0:
+            continue
+        ties = x == threshold
+        tie_ranks = ties.cumsum(1, dtype=torch.int32)
+        above |= ties & (tie_ranks <= still_needed)
+        still_needed -= torch.minimum(tie_ranks[:, -1:], still_needed)
+    return above_per_level
 
 
 def efficientdet_inference(pred_logits: Union[torch.Tensor, Sequence[torch.Tensor]],
