@@ -18,9 +18,11 @@ ACTIVATIONS = ("swish", "relu", "")
 
 def make_activation(name: str, key: str = "activation", inplace: bool = True
                     ) -> Optional[nn.Module]:
-    """``nn.SiLU`` for "swish" (= SiLU), ``nn.ReLU`` for "relu", None for ""."""
+    """``nn.SiLU`` for "swish" (= SiLU), ``nn.ReLU`` for "relu", None for "". ``inplace``
+    applies to ReLU only: SiLU's gradient needs its input, so in training autograd copies the
+    input of an in-place SiLU first, an extra pass over the feature map."""
     if name == "swish":
-        return nn.SiLU(inplace=inplace)
+        return nn.SiLU(inplace=False)
     if name == "relu":
         return nn.ReLU(inplace=inplace)
     if name in ("", "none"):

@@ -187,6 +187,11 @@ class EfficientNetBackbone(Backbone):
 
             self.body = convert_sync_batchnorm(self.body)
         self._freeze(freeze_at, all_frozen_bn=norm.name == "FrozenBN")
+        # timm's SiLUs are in place; autograd then copies each one's input to keep it for the
+        # gradient, an extra pass over every feature map in training
+        for module in self.body.modules():
+            if isinstance(module, nn.SiLU):
+                module.inplace = False
 
     def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
         frozen: List[nn.Module] = []
