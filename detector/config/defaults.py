@@ -202,6 +202,8 @@ _C.MODEL.RETINANET.TOPK_CANDIDATES_TEST = 1000
 _C.MODEL.RETINANET.NMS_THRESH_TEST = 0.5
 # Run inference in channels-last memory format (faster convolutions on CPU and tensor cores)
 _C.MODEL.RETINANET.CHANNELS_LAST_INFERENCE = True
+# Train in channels-last memory format too, unless a conv torch 2.14 mishandles there forbids it
+_C.MODEL.RETINANET.CHANNELS_LAST_TRAINING = True
 
 # ---------------------------------------------------------------------------
 # Proposal generator of two-stage detectors (Faster / Mask R-CNN) and its RPN

@@ -235,7 +235,12 @@ def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Modu
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     with torch.no_grad():
         if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(
-            x, residual.to(dtype), weight, bias, *args, "add", 1.0,
-            None if act == "none" else act, [], "")
+            y = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, *args, act, [], "")
+        else:
+            y = torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual.to(dtype), weight, bias, *args, "add", 1.0,
+                None if act == "none" else act, [], "")
+    # oneDNN answers in channels-last; keep the input's memory format, as an eager conv does:
+    # the model chooses the format (a frozen stem in training must not switch the trainable
+    # stages after it to channels-last behind its back)
+    return y.contiguous() if x.is_contiguous() and not y.is_contiguous() else y

@@ -131,6 +131,18 @@ def test_frozen_block_on_an_input_without_grad_runs_fused_in_grad_mode():
         torch.testing.assert_close(y, _eager(conv, norm, nn.ReLU(), x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_output_keeps_the_memory_format_of_the_input(memory_format):
+    """As an eager conv: a frozen stem must not switch the trainable convs after it to another
+    memory format than the model chose."""
+    conv, norm, x = _case()
+    x = x.contiguous(memory_format=memory_format)
+    with conv_norm_fusion(True), torch.no_grad():
+        y = fused_conv_norm_act(x, conv, norm, nn.ReLU())
+    assert y.is_contiguous(memory_format=memory_format)
+    torch.testing.assert_close(y, torch.relu(norm(conv(x))), rtol=1e-4, atol=1e-5)
+
+
 def test_cached_weights_follow_parameter_updates():
     conv, norm, x = _case("frozen")
     with torch.no_grad(), conv_norm_fusion():

@@ -1,7 +1,9 @@
 import pytest
 import torch
+from torch import nn
 
 from detector.modeling import RetinaNet, build_model
+from detector.modeling.meta_arch.dense_detector import channels_last_is_safe
 from detector.modeling.box_coder import BoxCoder
 from detector.modeling.postprocessing import rescale_detections, retinanet_inference_single_image
 from detector.structures import Boxes, Instances
@@ -128,6 +130,40 @@ def test_channels_last_inference_gives_the_same_detections():
         torch.testing.assert_close(g.scores, e.scores, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(g.pred_boxes.tensor, e.pred_boxes.tensor, rtol=1e-5, atol=1e-3)
         assert torch.equal(g.pred_classes, e.pred_classes)
+
+
+def test_channels_last_is_safe_without_narrow_strided_1x1_convs():
+    assert channels_last_is_safe(nn.Conv2d(64, 128, 1, stride=2), nn.Conv2d(8, 8, 3, stride=2))
+    assert not channels_last_is_safe(nn.Conv2d(64, 64, 3), nn.Sequential(nn.Conv2d(8, 16, 1, 2)))
+    # TinyNet downsamples 8-channel maps by strided 1x1 convs: its models train contiguous
+    assert not _model().channels_last_training
+
+
+def test_channels_last_training_gives_the_losses_and_gradients_of_contiguous_training(
+        single_thread):
+    opts = {"MODEL.BACKBONE.NAME": "ResNet", "MODEL.RESNETS.DEPTH": "18",
+            "MODEL.BACKBONE.WEIGHTS": "", "MODEL.BACKBONE.NORM": "FrozenBN",
+            "MODEL.BACKBONE.FREEZE_AT": "2"}
+    contiguous = _model(**opts, **{"MODEL.RETINANET.CHANNELS_LAST_TRAINING": "False"}).train()
+    channels_last = _model(**opts).train()
+    assert channels_last.channels_last_training and not contiguous.channels_last_training
+    weight = next(m.weight for m in channels_last.backbone.layer3.modules()
+                  if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    batch = make_batch(3, (64, 96))  # an odd batch, as in the torch bug channels_last_is_safe avoids
+    results = []
+    for model in (contiguous, channels_last):
+        losses = model(batch)
+        sum(losses.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (expected_losses, expected_grads), (losses, grads) = results
+    for k in expected_losses:
+        torch.testing.assert_close(losses[k], expected_losses[k], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == expected_grads.keys()
+    assert any(n.startswith("backbone.layer3") for n in grads)
+    for n in grads:
+        torch.testing.assert_close(grads[n], expected_grads[n], rtol=1e-4, atol=1e-6)
 
 
 def test_padding_and_normalisation():

@@ -2,6 +2,8 @@
 converted torchvision retinanet_resnet50_fpn weights, gives torchvision's detections and losses,
 also on batches padded to sizes that are not multiples of P6/P7's strides (torchvision's anchor
 strides there follow MODEL.ANCHOR_GENERATOR.STRIDE_RULE "torchvision")."""
+import copy
+
 import pytest
 import torch
 
@@ -112,10 +114,11 @@ def test_inference_matches_torchvision_at_uneven_sizes(models, batch, monkeypatc
     # 300 all come from P3-P5); contiguous memory and unfolded norms as torchvision, since their
     # rounding, scaled by P7's ~800 px anchors, reaches 1e-3 px and reorders near-equal scores
     # (both are checked against the unfused model in test_fused_inference.py)
+    ours = copy.deepcopy(ours).to(memory_format=torch.contiguous_format)
     monkeypatch.setattr(tv, "detections_per_img", 10000)
-    monkeypatch.setattr(ours, "max_detections_per_image", 10000)
-    monkeypatch.setattr(ours, "channels_last_inference", False)
-    monkeypatch.setattr(ours, "fuse_conv_norm", False)
+    ours.max_detections_per_image = 10000
+    ours.channels_last_inference = False
+    ours.fuse_conv_norm = False
     expected = _assert_same_detections(tv, ours, make_images(sizes))
     for exp in expected:
         assert 1000 <= len(exp["scores"]) < tv.topk_candidates * 5

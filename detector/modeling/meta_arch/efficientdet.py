@@ -21,17 +21,10 @@ from ..matcher import Matcher
 from ..neck import build_neck
 from ..postprocessing import detections_to_outputs, efficientdet_inference
 from .build import META_ARCH_REGISTRY
-from .dense_detector import DenseDetector
+from .dense_detector import DenseDetector, channels_last_is_safe
 from .efficientdet_sizes import resolve_efficientdet_sizes
 
-__all__ = ["EfficientDet", "channels_last_is_safe"]
-
-
-def channels_last_is_safe(module: nn.Module) -> bool:
-    """False if ``module`` has a strided 1x1 conv (ResNet / TinyNet downsampling): the weight
-    gradient of such a conv on channels-last input corrupts memory in torch 2.14's CPU kernels."""
-    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride != (1, 1)
-                   for m in module.modules())
+__all__ = ["EfficientDet"]
 
 
 @META_ARCH_REGISTRY.register()

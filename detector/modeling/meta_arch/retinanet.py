@@ -18,7 +18,7 @@ from ..matcher import Matcher
 from ..neck import build_neck
 from ..postprocessing import detections_to_outputs, retinanet_inference
 from .build import META_ARCH_REGISTRY
-from .dense_detector import DenseDetector
+from .dense_detector import DenseDetector, channels_last_is_safe
 
 __all__ = ["RetinaNet"]
 
@@ -37,6 +37,9 @@ class RetinaNet(DenseDetector):
         score_thresh_test, topk_candidates_test, nms_thresh_test, max_detections_per_image: see
             :func:`detector.modeling.postprocessing.retinanet_inference`.
         channels_last_inference: run inference in channels-last memory format.
+        channels_last_training: train in channels-last memory format where
+            :func:`channels_last_is_safe` allows it; otherwise training stays contiguous. With
+            both on, the weights are stored channels-last too.
         fuse_conv_norm: fold fixed norms (FrozenBN, eval-mode BN) into their convs and run
             blocks as fused oneDNN convolutions where nothing is differentiated (see
             :mod:`detector.layers.fused_conv`).
@@ -53,7 +56,8 @@ class RetinaNet(DenseDetector):
                  smooth_l1_beta: float = 0.1, loss_normalization: str = "batch",
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
-                 channels_last_inference: bool = True, fuse_conv_norm: bool = True,
+                 channels_last_inference: bool = True, channels_last_training: bool = True,
+                 fuse_conv_norm: bool = True,
                  crowd_ignore_fraction: float = 0.7):
         super().__init__()
         check_retinanet_loss_options(bbox_reg_loss_type, loss_normalization)
@@ -72,6 +76,12 @@ class RetinaNet(DenseDetector):
         self.nms_thresh_test = nms_thresh_test
         self.max_detections_per_image = max_detections_per_image
         self.channels_last_inference = channels_last_inference
+        self.channels_last_training = channels_last_training and channels_last_is_safe(
+            backbone, neck, head)
+        if self.channels_last_training and channels_last_inference:
+            # weights in the format of the activations, or every conv call copies them
+            for module in (backbone, neck, head):
+                module.to(memory_format=torch.channels_last)
         self.fuse_conv_norm = fuse_conv_norm
         self._set_crowd_ignore_fraction(crowd_ignore_fraction)
 
@@ -111,6 +121,7 @@ class RetinaNet(DenseDetector):
             "nms_thresh_test": r.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "channels_last_inference": r.CHANNELS_LAST_INFERENCE,
+            "channels_last_training": r.CHANNELS_LAST_TRAINING,
             "fuse_conv_norm": cfg.MODEL.FUSE_CONV_NORM,
             "crowd_ignore_fraction": cfg.MODEL.CROWD_IGNORE_FRACTION,
         }
@@ -156,6 +167,5 @@ class RetinaNet(DenseDetector):
                         if self.loss_normalization == "batch" else None))
 
     def _channels_last_input(self) -> bool:
-        # faster oneDNN convolutions; training stays contiguous: ResNet weight gradients in
-        # channels-last differ on torch 2.14 CPU (see efficientdet.channels_last_is_safe)
-        return self.channels_last_inference and not self.training
+        # faster oneDNN convolutions, forward and backward
+        return self.channels_last_training if self.training else self.channels_last_inference
