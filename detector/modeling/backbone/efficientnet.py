@@ -12,7 +12,21 @@ own forward runs them as three to four passes over every feature map.
 """
 from typing import Dict, List, Optional, Sequence
 
+import timm
 import torch
+from timm.layers import (
+    BatchNormAct2d,
+    Conv2dSame,
+    FrozenBatchNormAct2d,
+    SyncBatchNormAct,
+    convert_sync_batchnorm,
+    pad_same,
+)
+from timm.models._efficientnet_blocks import (
+    DepthwiseSeparableConv,
+    InvertedResidual,
+    SqueezeExcite,
+)
 from torch import nn
 
 from detector.layers import (
@@ -35,11 +49,13 @@ EFFICIENTNET_VARIANTS = tuple(f"b{k}" for k in range(8))
 # timm feature index of each level: index i has stride 2**(i+1)
 _FEATURE_INDEX = {1: 0, 2: 1, 3: 2, 4: 3, 5: 4}
 BACKBONE_NORMS = ("BN", "FrozenBN", "SyncBN")
+# norms of each timm block type that _fused_block folds
+_BLOCK_NORMS = {DepthwiseSeparableConv: ("bn1", "bn2"), InvertedResidual: ("bn1", "bn2", "bn3")}
+
+register_frozen_norm(FrozenBatchNormAct2d)
 
 
 def _frozen_bn_act(module: nn.Module) -> nn.Module:
-    from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, SyncBatchNormAct
-
     if not isinstance(module, (BatchNormAct2d, SyncBatchNormAct)):
         return module
     frozen = FrozenBatchNormAct2d(module.num_features, eps=module.eps)
@@ -67,10 +83,7 @@ def _norm_act_foldable(norm: nn.Module) -> bool:
 def _block_foldable(block: nn.Module) -> bool:
     """Whether :func:`_fused_block` reproduces ``block``: a timm MBConv / depthwise-separable
     block without space-to-depth or anti-aliasing, all of whose norms are fixed."""
-    from timm.models._efficientnet_blocks import DepthwiseSeparableConv, InvertedResidual
-
-    norms = {DepthwiseSeparableConv: ("bn1", "bn2"),
-             InvertedResidual: ("bn1", "bn2", "bn3")}.get(type(block))
+    norms = _BLOCK_NORMS.get(type(block))
     return (norms is not None and getattr(block, "conv_s2d", None) is None
             and isinstance(block.aa, nn.Identity)
             and all(_norm_act_foldable(getattr(block, n)) for n in norms))
@@ -80,8 +93,6 @@ def _conv_norm_act(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module,
                    residual: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``norm(conv(x)) (+ residual)`` for a timm conv and norm-activation layer (the residual only
     after a norm without activation), folded into one conv where it applies, else eager."""
-    from timm.layers import Conv2dSame, pad_same
-
     conv_input = x
     if isinstance(conv, Conv2dSame):
         conv_input = pad_same(x, conv.kernel_size, conv.stride, conv.dilation)
@@ -97,8 +108,6 @@ def _conv_norm_act(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module,
 def _squeeze_excite(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``SqueezeExcite`` with its two 1x1 convs on the pooled (N, C) vector run as linear
     layers: as convs on a 1x1 map they take PyTorch's slow im2col path."""
-    from timm.models._efficientnet_blocks import SqueezeExcite
-
     if type(se) is not SqueezeExcite:
         return se(x)
     pooled = x.mean((2, 3))
@@ -112,8 +121,6 @@ def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``DepthwiseSeparableConv`` / ``InvertedResidual`` forward (checked by
     :func:`_block_foldable`) with folded convs; the residual add joins the last conv unless drop
     path is active (training)."""
-    from timm.models._efficientnet_blocks import InvertedResidual
-
     shortcut = x
     drop_path_active = block.training and not isinstance(block.drop_path, nn.Identity)
     if isinstance(block, InvertedResidual):
@@ -150,10 +157,6 @@ class EfficientNetBackbone(Backbone):
                  out_features: Sequence[str] = ("c3", "c4", "c5"), drop_path_rate: float = 0.2,
                  norm="BN", freeze_at: int = 0, in_channels: int = 3):
         super().__init__()
-        import timm
-        from timm.layers import FrozenBatchNormAct2d
-
-        register_frozen_norm(FrozenBatchNormAct2d)
 
         if variant not in EFFICIENTNET_VARIANTS:
             raise ValueError(f"MODEL.EFFICIENTNET.VARIANT='{variant}' is not one of "
@@ -183,8 +186,6 @@ class EfficientNetBackbone(Backbone):
             self._out_feature_channels[f"c{level}"] = int(info["num_chs"])
             self._out_feature_strides[f"c{level}"] = 2 ** level
         if norm.name == "SyncBN":
-            from timm.layers import convert_sync_batchnorm
-
             self.body = convert_sync_batchnorm(self.body)
         self._freeze(freeze_at, all_frozen_bn=norm.name == "FrozenBN")
         # timm's SiLUs are in place; autograd then copies each one's input to keep it for the
