@@ -36,6 +36,14 @@ class Matcher:
         self.labels = [int(x) for x in labels]
         self.allow_low_quality_matches = allow_low_quality_matches
 
+    def _interval_labels(self, matched_vals: torch.Tensor) -> torch.Tensor:
+        """int8 label of the threshold interval each best-match quality falls in."""
+        match_labels = torch.full(matched_vals.shape, -1, dtype=torch.int8,
+                                  device=matched_vals.device)
+        for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
+            match_labels[(matched_vals >= low) & (matched_vals < high)] = label
+        return match_labels
+
     def __call__(self, match_quality_matrix: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Returns ``matches`` (R,) int64 index of the best ground truth per anchor (0 when there is
         none) and ``match_labels`` (R,) int8 in {-1, 0, 1}."""
@@ -49,10 +57,7 @@ class Matcher:
             return matches, match_labels
 
         matched_vals, matches = match_quality_matrix.max(dim=0)
-        match_labels = torch.full((num_anchors,), -1, dtype=torch.int8, device=device)
-        for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
-            in_interval = (matched_vals >= low) & (matched_vals < high)
-            match_labels[in_interval] = label
+        match_labels = self._interval_labels(matched_vals)
 
         if self.allow_low_quality_matches:
             highest_per_gt, _ = match_quality_matrix.max(dim=1)
@@ -74,10 +79,7 @@ class Matcher:
         if quality.shape[1] == 0:
             quality = quality.new_full((num_images, 1, num_anchors), -1.0)
         matched_vals, matches = quality.max(dim=1)
-        match_labels = torch.full((num_images, num_anchors), -1, dtype=torch.int8,
-                                  device=quality.device)
-        for label, low, high in zip(self.labels, self.thresholds[:-1], self.thresholds[1:]):
-            match_labels[(matched_vals >= low) & (matched_vals < high)] = label
+        match_labels = self._interval_labels(matched_vals)
         if self.allow_low_quality_matches:
             highest_per_gt = quality.max(dim=2, keepdim=True).values
             best = ((quality == highest_per_gt) & (highest_per_gt > 0)).any(dim=1)
