@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision.ops import batched_nms
 
-from detector.layers import FrozenBatchNorm2d, conv_norm_fusion
+from detector.layers import conv_norm_fusion
 from detector.layers.fused_conv import _AVAILABLE
 from detector.modeling import build_model
 from detector.modeling.backbone import efficientnet
@@ -16,22 +16,28 @@ from detector.structures import Boxes
 from modeling_testutils import make_batch, tiny_cfg
 
 
+def _random_statistics(model, seed=1):
+    """Every norm with running statistics (BN, FrozenBN, timm's frozen norms) gets random ones."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if hasattr(m, "running_var") and m.running_var is not None:
+            c = m.running_var.numel()
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return model
+
+
 def _resnet_retinanet(depth):
     cfg = tiny_cfg(**{"MODEL.BACKBONE.NAME": "ResNet", "MODEL.BACKBONE.NORM": "FrozenBN",
                       "MODEL.BACKBONE.FREEZE_AT": "2", "MODEL.RESNETS.DEPTH": str(depth),
                       "MODEL.BACKBONE.WEIGHTS": "", "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0",
                       "MODEL.RETINANET.NORM": "BN"})
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():  # random statistics, so that folding them is a real change
-        if isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
-            c = m.running_mean.numel()
-            m.weight.data = torch.rand(c, generator=g) + 0.5
-            m.bias.data = torch.randn(c, generator=g) * 0.1
-            m.running_mean.data = torch.randn(c, generator=g) * 0.1
-            m.running_var.data = torch.rand(c, generator=g) + 0.5
-    return model
+    # random statistics, so that folding them is a real change
+    return _random_statistics(build_model(cfg).eval())
 
 
 @pytest.mark.skipif(not _AVAILABLE, reason="this torch build has no oneDNN fused conv")
@@ -73,19 +79,6 @@ def test_fused_training_step_equals_eager(single_thread):
     assert any(n.startswith("backbone.layer2") for n in fused_grads)  # trainable, FrozenBN
     for n in eager_grads:
         torch.testing.assert_close(fused_grads[n], eager_grads[n], rtol=1e-3, atol=1e-5)
-
-
-def _random_statistics(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if hasattr(m, "running_var") and m.running_var is not None:
-            c = m.running_var.numel()
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(c, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
-    return model
 
 
 def _count_fused_blocks(monkeypatch):
