@@ -1,5 +1,6 @@
 from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_norm
 from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
+from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d, depthwise_weight_grad
 from .fused_conv import (
     fold_norm_into_conv,
     foldable,
@@ -34,6 +35,7 @@ from .shape_spec import ShapeSpec
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
+    "DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad",
     "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",
     "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",

@@ -33,6 +33,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
+from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d
+
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
            "foldable", "activation_name", "register_frozen_norm"]
 
@@ -182,7 +184,7 @@ def _fusable_conv(conv: nn.Module, padded_input: bool) -> bool:
         # attribute may remain
         plain = isinstance(conv, nn.Conv2d) and tuple(conv.padding) == (0, 0)
     else:
-        plain = type(conv) is nn.Conv2d and not isinstance(conv.padding, str)
+        plain = type(conv) in (nn.Conv2d, DepthwiseConv2d) and not isinstance(conv.padding, str)
     return plain and conv.padding_mode == "zeros" and not parametrize.is_parametrized(conv)
 
 
@@ -195,8 +197,11 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
     if folded is None:
         return None
     weight, bias = folded
-    y = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
-                             conv.groups)
+    if isinstance(conv, DepthwiseConv2d):
+        y = depthwise_conv2d(x, weight, bias, conv.stride, conv.padding)
+    else:
+        y = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
+                                 conv.groups)
     if residual is not None:
         y = y + residual
     return y if activation is None else activation(y)

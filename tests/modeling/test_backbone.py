@@ -108,3 +108,46 @@ def test_tinynet_plain_stages():
     assert not any(p.requires_grad for p in low.stages[0].parameters())
     with pytest.raises(ValueError, match="MODEL.TINYNET.BLOCK='vgg'"):
         TinyNetBackbone(block="vgg")
+
+
+def test_efficientnet_split_gradient_depthwise_convs_train_like_timm_convs():
+    """The stride-1 5x5 depthwise convs run as DepthwiseConv2d (faster CPU weight gradient):
+    training-mode features, gradients and BN statistics equal those of timm's own convs."""
+    import copy
+
+    from detector.layers import DepthwiseConv2d, replace_modules
+    from detector.modeling.backbone import efficientnet
+
+    torch.manual_seed(0)
+    backbone = efficientnet.EfficientNetBackbone(variant="b0", drop_path_rate=0.0).train()
+    converted = [m for m in backbone.modules() if isinstance(m, DepthwiseConv2d)]
+    # B0's stride-1 5x5 depthwise convs: 1 of the 2 blocks of stage 3, all 3 of stage 5, 3 of
+    # the 4 of stage 6
+    assert len(converted) == 7
+    assert all(m.kernel_size == (5, 5) and m.stride == (1, 1) for m in converted)
+
+    def plain(module):
+        if type(module) is not DepthwiseConv2d:
+            return module
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                         padding=module.padding, groups=module.groups, bias=False)
+        conv.weight = module.weight
+        return conv
+
+    reference = replace_modules(copy.deepcopy(backbone), plain)
+    assert not any(isinstance(m, DepthwiseConv2d) for m in reference.modules())
+    assert list(reference.state_dict()) == list(backbone.state_dict())
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (reference, backbone):
+        features = model(x)
+        sum((f * f).mean() for f in features.values()).backward()
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        results.append((features, grads, model.state_dict()))
+    (ref_features, ref_grads, ref_state), (features, grads, state) = results
+    for name in ref_features:
+        torch.testing.assert_close(features[name], ref_features[name], rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-6)
+    for name in ref_state:
+        torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6)
