@@ -56,15 +56,21 @@ def _check_fields(instances: Instances, image_id: int):
 
 
 def _dataset_id_table(contiguous_id_to_dataset_id: Dict[int, int]) -> np.ndarray:
-    """Dataset category id per contiguous class, for keys 0..K-1."""
-    return np.asarray([contiguous_id_to_dataset_id[k]
-                       for k in range(len(contiguous_id_to_dataset_id))], dtype=np.int64)
+    """Dataset category id indexed by contiguous class; -1 for classes the map lacks."""
+    ids = {int(k): int(v) for k, v in contiguous_id_to_dataset_id.items()}
+    if any(k < 0 for k in ids):
+        raise ValueError(f"contiguous_id_to_dataset_id has negative classes: {sorted(ids)}")
+    table = np.full(max(ids, default=-1) + 1, -1, dtype=np.int64)
+    for contiguous, dataset_id in ids.items():
+        table[contiguous] = dataset_id
+    return table
 
 
 def instances_to_arrays(instances: Instances, image_id: int,
                         dataset_ids: np.ndarray) -> CocoResultArrays:
     """One image's predictions as COCO result arrays: XYWH float32 boxes, scores, dataset
-    category ids (``dataset_ids[contiguous class]``) and, with ``pred_masks``, one RLE each."""
+    category ids (``dataset_ids[contiguous class]``, see :func:`_dataset_id_table`) and, with
+    ``pred_masks``, one RLE each."""
     num = len(instances)
     if num == 0:
         return CocoResultArrays.empty(with_masks=instances.has("pred_masks"))
@@ -74,10 +80,11 @@ def instances_to_arrays(instances: Instances, image_id: int,
     scores = instances.scores.detach().cpu().float().numpy().reshape(num)
     classes = instances.pred_classes.detach().cpu().numpy().astype(np.int64).reshape(num)
     unknown = (classes < 0) | (classes >= len(dataset_ids))
+    unknown[~unknown] = dataset_ids[classes[~unknown]] < 0
     if unknown.any():
         raise ValueError(f"image_id {image_id}: predicted class {int(classes[unknown][0])} has no "
                          f"entry in contiguous_id_to_dataset_id (known: "
-                         f"{list(range(len(dataset_ids)))})")
+                         f"{np.flatnonzero(dataset_ids >= 0).tolist()})")
     masks_rle = None
     if instances.has("pred_masks"):
         masks_rle = _encode_masks(instances.pred_masks, image_id)
@@ -133,16 +140,8 @@ def instances_to_coco_json(instances: Instances, image_id: int,
     Float values are the shortest decimals of the float32 outputs, as in the results file."""
     if len(instances) == 0:
         return []
-    _check_fields(instances, image_id)
-    ids = {int(k): int(v) for k, v in contiguous_id_to_dataset_id.items()}
-    for cls in set(instances.pred_classes.detach().cpu().tolist()):
-        if cls not in ids:
-            raise ValueError(f"image_id {image_id}: predicted class {cls} has no entry in "
-                             f"contiguous_id_to_dataset_id (known: {sorted(ids)})")
-    table = np.zeros(max(ids, default=-1) + 1, dtype=np.int64)
-    for contiguous, dataset_id in ids.items():
-        table[contiguous] = dataset_id
-    results = instances_to_arrays(instances, image_id, table)
+    results = instances_to_arrays(instances, image_id,
+                                  _dataset_id_table(contiguous_id_to_dataset_id))
     return _result_records(results, float32_decimals(results.boxes_xywh).values,
                            float32_decimals(results.scores).values)
 

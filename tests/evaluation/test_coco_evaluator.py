@@ -103,6 +103,11 @@ def test_instances_to_coco_json_converts_boxes_and_ids():
         instances_to_coco_json(Instances((5, 5), pred_boxes=Boxes(torch.zeros(1, 4)),
                                          scores=torch.ones(1), pred_classes=torch.tensor([5])),
                                42, ID_MAP)
+    # a map with a gap: the missing class is unknown, not category 0
+    with pytest.raises(ValueError, match=r"predicted class 1 has no entry .*known: \[0, 2\]"):
+        instances_to_coco_json(Instances((5, 5), pred_boxes=Boxes(torch.zeros(1, 4)),
+                                         scores=torch.ones(1), pred_classes=torch.tensor([1])),
+                               42, {0: 1, 2: 11})
     with pytest.raises(ValueError, match="image_id 7: predicted Instances lack 'scores'"):
         instances_to_coco_json(Instances((5, 5), pred_boxes=Boxes(torch.zeros(1, 4)),
                                          pred_classes=torch.tensor([0])), 7, ID_MAP)
