@@ -22,6 +22,7 @@ from detector.layers import SyncBatchNorm2d
 from detector.utils import comm
 
 import process_watchdog
+from sync_batchnorm_case import compare_with_whole_batch, make_steps, run_rank, with_affine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RETINANET_DEMO = os.path.join(ROOT, "configs", "demo", "retinanet_tiny_shapes.yaml")
@@ -119,20 +120,7 @@ SYNC_TOLERANCE = 1e-5
 
 
 def _sync_batchnorm_data():
-    g = torch.Generator().manual_seed(0)
-    steps = [(torch.randn(6, SYNC_CHANNELS, 5, 7, generator=g) * 2 + 1,  # input
-              torch.randn(6, SYNC_CHANNELS, 5, 7, generator=g))  # upstream gradient
-             for _ in SYNC_SPLITS]
-    weight = torch.rand(SYNC_CHANNELS, generator=g) + 0.5
-    bias = torch.randn(SYNC_CHANNELS, generator=g)
-    return steps, weight, bias
-
-
-def _with_affine(layer, weight, bias):
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        layer.bias.copy_(bias)
-    return layer
+    return make_steps(SYNC_SPLITS, batch=6, channels=SYNC_CHANNELS, height=5, width=7)
 
 
 def sync_batchnorm_worker(out_dir):
@@ -143,25 +131,12 @@ def sync_batchnorm_worker(out_dir):
     device = (torch.device("cuda", comm.get_local_rank()) if backend == "nccl"
               else torch.device("cpu"))
     steps, weight, bias = _sync_batchnorm_data()
-    layer = _with_affine(SyncBatchNorm2d(SYNC_CHANNELS, eps=SYNC_EPS, momentum=SYNC_MOMENTUM),
-                         weight, bias).to(device)
+    layer = with_affine(SyncBatchNorm2d(SYNC_CHANNELS, eps=SYNC_EPS, momentum=SYNC_MOMENTUM),
+                        weight, bias).to(device)
     model = DistributedDataParallel(
         layer, device_ids=[device.index] if device.type == "cuda" else None)
-    results = []
-    for (x, grad_y), split in zip(steps, SYNC_SPLITS):
-        rows = slice(0, split) if rank == 0 else slice(split, None)
-        x_local = x[rows].to(device).requires_grad_()
-        y = model(x_local)
-        (y * grad_y[rows].to(device)).sum().backward()
-        # DDP averages parameter gradients over the 2 processes; each loss is a partial sum
-        results.append({"y": y.detach().cpu(), "x_grad": x_local.grad.cpu(),
-                        "weight_grad": layer.weight.grad.cpu() * 2,
-                        "bias_grad": layer.bias.grad.cpu() * 2,
-                        "grad_fn": type(y.grad_fn).__name__})
-        layer.zero_grad()
-    torch.save({"backend": backend, "device": str(device), "steps": results,
-                "running_mean": layer.running_mean.cpu(), "running_var": layer.running_var.cpu(),
-                "num_batches_tracked": int(layer.num_batches_tracked)},
+    result = run_rank(model, layer, steps, SYNC_SPLITS, rank, device)
+    torch.save({"backend": backend, "device": str(device), **result},
                os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -183,28 +158,9 @@ def check_sync_batchnorm(out_dir, expected_backend):
         assert fused == {False}
 
     steps, weight, bias = _sync_batchnorm_data()
-    reference = _with_affine(nn.BatchNorm2d(SYNC_CHANNELS, eps=SYNC_EPS, momentum=SYNC_MOMENTUM),
-                             weight, bias)
     # sums over 210 values per channel: float32 rounding grows with their magnitude
-    close = dict(rtol=SYNC_TOLERANCE, atol=SYNC_TOLERANCE)
-    for i, ((x, grad_y), split) in enumerate(zip(steps, SYNC_SPLITS)):
-        x = x.clone().requires_grad_()
-        y = reference(x)
-        (y * grad_y).sum().backward()
-        assert ranks[0]["steps"][i]["y"].shape[0] == split
-        for key, expected in (("y", y.detach()), ("x_grad", x.grad)):
-            got = torch.cat([ranks[0]["steps"][i][key], ranks[1]["steps"][i][key]])
-            torch.testing.assert_close(got, expected, **close)
-        for rank in ranks:
-            torch.testing.assert_close(rank["steps"][i]["weight_grad"], reference.weight.grad,
-                                       **close)
-            torch.testing.assert_close(rank["steps"][i]["bias_grad"], reference.bias.grad,
-                                       **close)
-        reference.zero_grad()
-    for rank in ranks:
-        assert rank["num_batches_tracked"] == len(SYNC_SPLITS)
-        torch.testing.assert_close(rank["running_mean"], reference.running_mean, **close)
-        torch.testing.assert_close(rank["running_var"], reference.running_var, **close)
+    compare_with_whole_batch(ranks, steps, SYNC_SPLITS, weight, bias, eps=SYNC_EPS,
+                             momentum=SYNC_MOMENTUM, rtol=SYNC_TOLERANCE, atol=SYNC_TOLERANCE)
 
 
 # ------------------------------------------------------------------------------------------
