@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 __all__ = ["DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad"]
 
 
