@@ -1,6 +1,11 @@
 from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_norm
 from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
-from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d, depthwise_weight_grad
+from .depthwise_conv import (
+    DepthwiseConv2d,
+    depthwise_conv2d,
+    depthwise_weight_grad,
+    split_depthwise_weight_gradients,
+)
 from .fused_conv import (
     fold_norm_into_conv,
     foldable,
@@ -36,6 +41,7 @@ __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
     "DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad",
+    "split_depthwise_weight_gradients",
     "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",
     "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",

@@ -30,7 +30,6 @@ from timm.models._efficientnet_blocks import (
 from torch import nn
 
 from detector.layers import (
-    DepthwiseConv2d,
     NormSpec,
     as_norm_spec,
     check_padding_mode,
@@ -39,6 +38,7 @@ from detector.layers import (
     fusion_enabled,
     register_frozen_norm,
     replace_modules,
+    split_depthwise_weight_gradients,
 )
 
 from .base import Backbone, check_out_features
@@ -74,15 +74,6 @@ def freeze_batch_norm_act(module: nn.Module) -> nn.Module:
     ``FrozenBatchNormAct2d`` holding the same statistics, affine parameters, eps and activation
     (timm's own helper drops eps)."""
     return replace_modules(module, _frozen_bn_act)
-
-
-def _split_gradient_depthwise(module: nn.Module) -> nn.Module:
-    """Stride-1 depthwise convs above 3x3 as :class:`detector.layers.DepthwiseConv2d` (faster
-    CPU weight gradient; measured no gain for the strided ones)."""
-    if (DepthwiseConv2d.convertible(module) and max(module.kernel_size) > 3
-            and tuple(module.stride) == (1, 1)):
-        return DepthwiseConv2d.from_conv(module)
-    return module
 
 
 def _norm_act_foldable(norm: nn.Module) -> bool:
@@ -195,7 +186,8 @@ class EfficientNetBackbone(Backbone):
                 raise RuntimeError(f"timm {name} feature {info} does not have stride {2 ** level}")
             self._out_feature_channels[f"c{level}"] = int(info["num_chs"])
             self._out_feature_strides[f"c{level}"] = 2 ** level
-        self.body = replace_modules(self.body, _split_gradient_depthwise)
+        # faster CPU weight gradients of the 5x5 depthwise convs
+        self.body = split_depthwise_weight_gradients(self.body)
         if norm.name == "SyncBN":
             self.body = convert_sync_batchnorm(self.body)
         self._freeze(freeze_at, all_frozen_bn=norm.name == "FrozenBN")
