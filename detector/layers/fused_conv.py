@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
-from .depthwise_conv import DepthwiseConv2d, depthwise_conv2d
+from .depthwise_conv import DepthwiseConv2d
 
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
            "foldable", "activation_name", "register_frozen_norm"]
@@ -197,11 +197,8 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
     if folded is None:
         return None
     weight, bias = folded
-    if isinstance(conv, DepthwiseConv2d):
-        y = depthwise_conv2d(x, weight, bias, conv.stride, conv.padding)
-    else:
-        y = nn.functional.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation,
-                                 conv.groups)
+    # the conv's own forward with the folded weight (DepthwiseConv2d keeps its gradient path)
+    y = conv._conv_forward(x, weight, bias)
     if residual is not None:
         y = y + residual
     return y if activation is None else activation(y)
