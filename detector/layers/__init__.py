@@ -25,7 +25,19 @@ from .norm import (
     has_batch_statistics,
     replace_modules,
 )
-from .same_padding import PADDING_MODES, MaxPool2dPadded, check_padding_mode, conv2d_padded
+from .pointwise_norm_act import (
+    POINTWISE_ACTIVATIONS,
+    ReusableBuffers,
+    pointwise_conv_norm_act,
+    pointwise_conv_norm_act_applies,
+)
+from .same_padding import (
+    PADDING_MODES,
+    MaxPool2dPadded,
+    check_padding_mode,
+    conv2d_padded,
+    same_padding_amounts,
+)
 from .separable import (
     ACTIVATIONS,
     SeparableConv2d,
@@ -46,7 +58,9 @@ __all__ = [
     "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
-    "replace_modules", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",
+    "replace_modules", "POINTWISE_ACTIVATIONS", "ReusableBuffers", "pointwise_conv_norm_act",
+    "pointwise_conv_norm_act_applies", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",
+    "same_padding_amounts",
     "ACTIVATIONS", "SeparableConv2d", "SeparableConvNormAct", "check_layer_norm",
     "glorot_uniform_", "make_activation",
     "variance_scaling_", "ShapeSpec",

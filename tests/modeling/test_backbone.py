@@ -151,3 +151,45 @@ def test_efficientnet_split_gradient_depthwise_convs_train_like_timm_convs():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-6)
     for name in ref_state:
         torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6)
+
+
+def test_efficientnet_training_expansions_equal_timm_and_reuse_their_maps():
+    """In training, the MBConv expansions run through pooled maps (pointwise_conv_norm_act):
+    features, gradients and BN statistics equal timm's own forward over two steps, the second
+    step reuses the first one's maps, and eval mode releases them."""
+    import copy
+
+    from timm.models._efficientnet_blocks import InvertedResidual
+
+    from detector.modeling.backbone import efficientnet
+
+    torch.manual_seed(0)
+    backbone = efficientnet.EfficientNetBackbone(variant="b0", drop_path_rate=0.0).train()
+    backbone = backbone.to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(backbone)
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    addresses = []
+    for step in range(2):
+        features = backbone(x)
+        ref_features = dict(zip(reference.out_features, reference.body(x)))
+        for model, feats in ((backbone, features), (reference, ref_features)):
+            model.zero_grad()
+            sum((f * f).mean() for f in feats.values()).backward()
+        for name in ref_features:
+            torch.testing.assert_close(features[name], ref_features[name], rtol=1e-5, atol=1e-6)
+        ref_params = dict(reference.named_parameters())
+        for name, p in backbone.named_parameters():
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-7)
+        ref_state = reference.state_dict()
+        for name, value in backbone.state_dict().items():
+            torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-7)
+        maps = backbone._expansion_buffers._maps
+        addresses.append({k: v.data_ptr() for k, v in maps.items()})
+    blocks = sum(isinstance(m, InvertedResidual) for m in backbone.modules())
+    assert len(addresses[0]) == 3 * blocks == 45
+    assert addresses[1] == addresses[0]
+    backbone.eval()
+    assert len(backbone._expansion_buffers) == 0
+    # contiguous maps take timm's forward
+    backbone.to(memory_format=torch.contiguous_format).train()(x.contiguous())
+    assert len(backbone._expansion_buffers) == 0

@@ -30,14 +30,19 @@ from timm.models._efficientnet_blocks import (
 from torch import nn
 
 from detector.layers import (
+    POINTWISE_ACTIVATIONS,
     NormSpec,
+    ReusableBuffers,
     as_norm_spec,
     check_padding_mode,
     foldable,
     fused_conv_norm_act,
     fusion_enabled,
+    pointwise_conv_norm_act,
+    pointwise_conv_norm_act_applies,
     register_frozen_norm,
     replace_modules,
+    same_padding_amounts,
     split_depthwise_weight_gradients,
 )
 
@@ -141,6 +146,43 @@ def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _expansion_trains_pooled(block: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`_train_block` runs ``block``'s expansion (1x1 conv + BN + activation) by
+    :func:`detector.layers.pointwise_conv_norm_act`: a timm MBConv block with a plain
+    training-mode BatchNorm (not SyncBN) and no space-to-depth stem."""
+    return (type(block) is InvertedResidual and getattr(block, "conv_s2d", None) is None
+            and type(block.bn1) is BatchNormAct2d and isinstance(block.bn1.drop, nn.Identity)
+            and block.bn1.track_running_stats
+            and pointwise_conv_norm_act_applies(x, block.conv_pw, block.bn1, block.bn1.act))
+
+
+def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
+                 key: str) -> torch.Tensor:
+    """timm's ``InvertedResidual`` forward (checked by :func:`_expansion_trains_pooled`) with its
+    expansion written into pooled maps, padded there for a TF-"same" depthwise conv."""
+    shortcut = x
+    bn, conv_dw = block.bn1, block.conv_dw
+    prepad = isinstance(conv_dw, Conv2dSame) and conv_dw.dilation == (1, 1)
+    padding = (0, 0, 0, 0)
+    if prepad:
+        padding = (same_padding_amounts(int(x.shape[-2]), conv_dw.kernel_size[0], conv_dw.stride[0])
+                   + same_padding_amounts(int(x.shape[-1]), conv_dw.kernel_size[1],
+                                          conv_dw.stride[1]))
+    # timm's own momentum rule (cumulative average when momentum is None)
+    bn.num_batches_tracked.add_(1)
+    momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
+    x = pointwise_conv_norm_act(x, block.conv_pw.weight, bn.weight, bn.bias, bn.running_mean,
+                                bn.running_var, momentum, bn.eps,
+                                POINTWISE_ACTIVATIONS[type(bn.act)], buffers, key, padding)
+    # Conv2dSame pads in its forward; the map is padded already
+    x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias) if prepad else conv_dw(x)
+    x = block.se(block.aa(block.bn2(x)))
+    x = block.bn3(block.conv_pwl(x))
+    if block.has_skip:
+        x = block.drop_path(x) + shortcut
+    return x
+
+
 class EfficientNetBackbone(Backbone):
     """Args:
         variant: "b0".."b7".
@@ -196,6 +238,8 @@ class EfficientNetBackbone(Backbone):
         for module in self.body.modules():
             if isinstance(module, nn.SiLU):
                 module.inplace = False
+        # maps of the MBConv expansions kept between training steps (see _train_block)
+        self._expansion_buffers = ReusableBuffers()
 
     def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
         frozen: List[nn.Module] = []
@@ -222,7 +266,31 @@ class EfficientNetBackbone(Backbone):
         if (fusion_enabled() and _norm_act_foldable(self.body.bn1)
                 and self.body.feature_hooks is None and not self.body.grad_checkpointing):
             return dict(zip(self.out_features, self._forward_folded(x)))
+        if (self.training and torch.is_grad_enabled() and self.body.feature_hooks is None
+                and not self.body.grad_checkpointing):
+            return dict(zip(self.out_features, self._forward_training(x)))
         return dict(zip(self.out_features, self.body(x)))
+
+    def train(self, mode: bool = True) -> "EfficientNetBackbone":
+        if not mode:
+            self._expansion_buffers.clear()
+        return super().train(mode)
+
+    def _forward_training(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """timm's ``EfficientNetFeatures.forward`` with the MBConv expansions that
+        :func:`_expansion_trains_pooled` accepts run by :func:`_train_block`."""
+        body = self.body
+        x = body.bn1(body.conv_stem(x))
+        features = [x] if 0 in body._stage_out_idx else []
+        for i, stage in enumerate(body.blocks):
+            for j, block in enumerate(stage):
+                if _expansion_trains_pooled(block, x):
+                    x = _train_block(block, x, self._expansion_buffers, f"blocks.{i}.{j}")
+                else:
+                    x = block(x)
+            if i + 1 in body._stage_out_idx:
+                features.append(x)
+        return features
 
     def _forward_folded(self, x: torch.Tensor) -> List[torch.Tensor]:
         """timm's ``EfficientNetFeatures.forward`` with every block whose norms are fixed run by

@@ -1,0 +1,179 @@
+"""Training-time 1x1 conv + BatchNorm + activation that writes into reused buffers (CPU).
+
+On CPU, PyTorch takes every tensor straight from malloc, and glibc maps a block above its
+mmap threshold (at most 32 MB) afresh on each allocation, so the first write to every page of
+it is a page fault. For the largest maps of a network (EfficientNet-B0's first 96-channel
+expansion at a quarter of a 512 image is 50 MB at batch 2) the faults cost more than the
+arithmetic: the 1x1 conv's matrix product into a fresh map of that size takes about 6x as long
+as into one already touched.
+PyTorch has no caching allocator for CPU tensors that Python can switch on, so this function
+keeps its own three maps per call site (conv output, norm output, activation output) and reuses
+them on the next step once autograd has released them. It also writes the activation into the
+interior of a zeroed, padded map, so that a following TF-"same" strided conv needs no padding
+copy, and its backward works in place in the norm-output map. Forward outputs, running
+statistics and gradients equal ``act(batch_norm(conv1x1(x)))`` (the conv as a matrix product,
+the rest PyTorch's own kernels).
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["ReusableBuffers", "pointwise_conv_norm_act", "pointwise_conv_norm_act_applies",
+           "POINTWISE_ACTIVATIONS"]
+
+# activation module types and their names here
+POINTWISE_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
+
+
+def _storage_use_count(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+# what the count reads for a tensor that nothing else shares (the temporary storage object
+# made to read it counts as one)
+_UNSHARED_USE_COUNT = _storage_use_count(torch.empty(1))
+
+
+class ReusableBuffers:
+    """Maps kept between training steps, keyed by call site and role. A map is handed out again
+    only when nothing but this pool holds its storage (autograd has freed the step that used
+    it); otherwise a new one replaces it, so an older graph still alive is never overwritten.
+    Copies and pickles of a module holding a pool start empty."""
+
+    def __init__(self):
+        self._maps: Dict[str, torch.Tensor] = {}
+
+    def get(self, key: str, shape: Tuple[int, ...], like: torch.Tensor,
+            zeroed: bool = False) -> torch.Tensor:
+        """A channels-last map of ``shape`` with ``like``'s dtype and device; ``zeroed`` maps are
+        zero when made (callers that write only their interior keep the border zero)."""
+        buffer = self._maps.get(key)
+        if (buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != like.dtype
+                or buffer.device != like.device
+                or _storage_use_count(buffer) != _UNSHARED_USE_COUNT):
+            self._maps.pop(key, None)
+            buffer = torch.empty(shape, dtype=like.dtype, device=like.device,
+                                 memory_format=torch.channels_last)
+            if zeroed:
+                buffer.zero_()
+            self._maps[key] = buffer
+        # an alias: whoever keeps it (autograd's saved tensors too) then counts on the storage
+        return buffer.detach()
+
+    def clear(self) -> None:
+        self._maps.clear()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def __deepcopy__(self, memo) -> "ReusableBuffers":
+        return ReusableBuffers()
+
+    def __getstate__(self) -> dict:
+        return {"_maps": {}}
+
+
+def _activation_forward(name: str, z: torch.Tensor, out: torch.Tensor) -> None:
+    if name == "silu":
+        torch.ops.aten.silu.out(z, out=out)
+    elif name == "relu":
+        torch.clamp_min(z, 0.0, out=out)
+    else:
+        out.copy_(z)
+
+
+def _activation_backward_(name: str, grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """The gradient at the activation's input, written into ``z`` (its input, not needed after)."""
+    if name == "silu":
+        torch.ops.aten.silu_backward.grad_input(grad, z, grad_input=z)
+    elif name == "relu":
+        torch.ops.aten.threshold_backward.grad_input(grad, z, 0.0, grad_input=z)
+    else:
+        z.copy_(grad)
+    return z
+
+
+class _PointwiseConvNormAct(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x, conv_weight, norm_weight, norm_bias, running_mean, running_var,
+                momentum, eps, activation, padding, buffers, key):
+        n, in_channels, h, w = x.shape
+        out_channels = conv_weight.shape[0]
+        top, bottom, left, right = padding
+        conv_out = buffers.get(key + ".conv", (n, out_channels, h, w), x)
+        torch.mm(x.permute(0, 2, 3, 1).reshape(-1, in_channels),
+                 conv_weight.reshape(out_channels, in_channels).t(),
+                 out=conv_out.permute(0, 2, 3, 1).view(-1, out_channels))
+        norm_out = buffers.get(key + ".norm", (n, out_channels, h, w), x)
+        save_mean = x.new_empty(out_channels)
+        save_invstd = x.new_empty(out_channels)
+        torch.ops.aten.native_batch_norm.out(
+            conv_out, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps,
+            out=norm_out, save_mean=save_mean, save_invstd=save_invstd)
+        padded = buffers.get(key + ".act", (n, out_channels, h + top + bottom, w + left + right),
+                             x, zeroed=any(padding))
+        _activation_forward(activation, norm_out, padded[:, :, top:top + h, left:left + w])
+        ctx.save_for_backward(x, conv_weight, norm_weight, conv_out, norm_out, save_mean,
+                              save_invstd)
+        ctx.eps, ctx.activation, ctx.padding = eps, activation, padding
+        return padded
+
+    @staticmethod
+    def backward(ctx, grad_padded):
+        x, conv_weight, norm_weight, conv_out, norm_out, save_mean, save_invstd = ctx.saved_tensors
+        top, _, left, _ = ctx.padding
+        h, w = conv_out.shape[-2:]
+        grad = grad_padded[:, :, top:top + h, left:left + w]
+        grad_norm_out = _activation_backward_(ctx.activation, grad, norm_out)
+        need_x, need_conv_weight, need_norm_weight, need_norm_bias = ctx.needs_input_grad[:4]
+        grad_conv_out, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd, True, ctx.eps,
+            [need_x or need_conv_weight, need_norm_weight, need_norm_bias])
+        grad_x = grad_conv_weight = None
+        if need_x or need_conv_weight:
+            grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
+                grad_conv_out, x, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                [need_x, need_conv_weight, False])
+        return (grad_x, grad_conv_weight, grad_norm_weight, grad_norm_bias) + (None,) * 8
+
+
+def pointwise_conv_norm_act_applies(x: torch.Tensor, conv: nn.Module, norm: nn.Module,
+                                    activation: nn.Module) -> bool:
+    """Whether :func:`pointwise_conv_norm_act` reproduces ``activation(norm(conv(x)))`` here: a
+    bias-free 1x1 stride-1 conv and a training-mode BatchNorm2d-like layer with affine
+    parameters, in fp32 channels-last on the CPU with gradients on, outside autocast, tracing
+    and compilation."""
+    return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not torch.is_autocast_enabled("cpu")
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+            and not torch.compiler.is_compiling()
+            and type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1
+            and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding == (0, 0) and conv.dilation == (1, 1)
+            and norm.training and getattr(norm, "weight", None) is not None
+            and getattr(norm, "bias", None) is not None
+            and type(activation) in POINTWISE_ACTIVATIONS)
+
+
+def pointwise_conv_norm_act(x: torch.Tensor, conv_weight: torch.Tensor,
+                            norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                            running_mean: Optional[torch.Tensor],
+                            running_var: Optional[torch.Tensor], momentum: float, eps: float,
+                            activation: str, buffers: ReusableBuffers, key: str,
+                            padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``activation(batch_norm(conv2d(x, conv_weight), training=True))`` for a channels-last
+    ``x`` and a (C_out, C_in, 1, 1) weight, zero-padded by ``padding`` = (top, bottom, left,
+    right), with its maps taken from ``buffers`` under ``key`` (one key per call site). Running
+    statistics (when given) are updated with ``momentum`` as ``F.batch_norm`` does.
+    ``activation`` is one of ``POINTWISE_ACTIVATIONS``' names. Check the case with
+    :func:`pointwise_conv_norm_act_applies`."""
+    if activation not in POINTWISE_ACTIVATIONS.values():
+        raise ValueError(f"activation '{activation}' is not one of "
+                         f"{sorted(POINTWISE_ACTIVATIONS.values())}")
+    return _PointwiseConvNormAct.apply(x, conv_weight, norm_weight, norm_bias, running_mean,
+                                       running_var, momentum, eps, activation, tuple(padding),
+                                       buffers, key)
+

@@ -1,0 +1,141 @@
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detector.layers import (
+    ReusableBuffers,
+    pointwise_conv_norm_act,
+    pointwise_conv_norm_act_applies,
+)
+
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "relu": F.relu, "identity": lambda t: t}
+
+
+def _parameters(in_channels=5, out_channels=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "conv_weight": torch.randn(out_channels, in_channels, 1, 1, generator=g),
+        "norm_weight": torch.rand(out_channels, generator=g) + 0.5,
+        "norm_bias": torch.randn(out_channels, generator=g),
+    }
+
+
+def _input(seed=1, shape=(2, 5, 9, 10)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).contiguous(memory_format=torch.channels_last)
+
+
+def _run(fn, x, params, grad_seed=2):
+    """Output, running stats and gradients of one training step of ``fn``."""
+    x = x.clone().requires_grad_(True)
+    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    channels = params["norm_weight"].shape[0]
+    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    y = fn(x, params, running_mean, running_var)
+    g = torch.Generator().manual_seed(grad_seed)
+    y.backward(torch.randn(y.shape, generator=g))
+    grads = {"x": x.grad, **{k: v.grad for k, v in params.items()}}
+    return y.detach().clone(), running_mean, running_var, grads
+
+
+def _reference(activation, padding):
+    def fn(x, p, running_mean, running_var):
+        y = F.batch_norm(F.conv2d(x, p["conv_weight"]), running_mean, running_var,
+                         p["norm_weight"], p["norm_bias"], True, 0.1, 1e-3)
+        y = ACTIVATION_FUNCTIONS[activation](y)
+        top, bottom, left, right = padding
+        return F.pad(y, (left, right, top, bottom))
+    return fn
+
+
+def _pooled(activation, padding, buffers, key="site"):
+    def fn(x, p, running_mean, running_var):
+        return pointwise_conv_norm_act(x, p["conv_weight"], p["norm_weight"], p["norm_bias"],
+                                       running_mean, running_var, 0.1, 1e-3, activation, buffers,
+                                       key, padding)
+    return fn
+
+
+@pytest.mark.parametrize("activation", ["silu", "relu", "identity"])
+@pytest.mark.parametrize("padding", [(0, 0, 0, 0), (0, 1, 0, 1), (1, 2, 2, 1)])
+def test_equals_conv_batch_norm_activation(activation, padding):
+    """Outputs (with a zero border), running statistics and all gradients equal those of
+    conv2d + batch_norm + activation + pad, over two steps that reuse the pooled maps."""
+    buffers = ReusableBuffers()
+    params, x = _parameters(), _input()
+    for step in range(2):
+        expected = _run(_reference(activation, padding), x, params, grad_seed=step)
+        actual = _run(_pooled(activation, padding, buffers), x, params, grad_seed=step)
+        torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(actual[2], expected[2], rtol=1e-6, atol=1e-6)
+        for name in expected[3]:
+            torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
+    assert len(buffers) == 3
+
+
+def test_maps_reused_only_when_released():
+    """A released step's maps are reused; a graph still alive keeps its own, and both graphs
+    then give the right gradients."""
+    buffers = ReusableBuffers()
+    params = {k: v.requires_grad_(True) for k, v in _parameters().items()}
+    fn = _pooled("silu", (0, 1, 0, 1), buffers)
+    stats = torch.zeros(6), torch.ones(6)
+
+    y = fn(_input(), params, *stats)
+    first_storage = y.untyped_storage().data_ptr()
+    y.sum().backward()
+    del y
+    y = fn(_input(), params, *stats)
+    assert y.untyped_storage().data_ptr() == first_storage
+
+    # y's graph is alive: the next call must not write into its maps
+    x_a, x_b = _input(seed=3).requires_grad_(True), _input(seed=4).requires_grad_(True)
+    y_a = fn(x_a, params, *stats)
+    y_b = fn(x_b, params, *stats)
+    assert y_b.untyped_storage().data_ptr() != y_a.untyped_storage().data_ptr()
+    (y_a * y_a).sum().backward()
+    (y_b * y_b).sum().backward()
+    for x_i, seed in ((x_a, 3), (x_b, 4)):
+        x_ref = _input(seed=seed).requires_grad_(True)
+        y_ref = _reference("silu", (0, 1, 0, 1))(x_ref, {k: v.detach() for k, v in params.items()},
+                                                 torch.zeros(6), torch.ones(6))
+        (y_ref * y_ref).sum().backward()
+        torch.testing.assert_close(x_i.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_buffers_start_empty_in_copies():
+    buffers = ReusableBuffers()
+    params = _parameters()
+    _pooled("relu", (0, 0, 0, 0), buffers)(_input(), params, None, None)
+    assert len(buffers) == 3
+    assert len(copy.deepcopy(buffers)) == 0
+    assert len(pickle.loads(pickle.dumps(buffers))) == 0
+    buffers.clear()
+    assert len(buffers) == 0
+
+
+def test_applies_only_where_it_reproduces_the_modules():
+    conv, norm, act = nn.Conv2d(5, 6, 1, bias=False), nn.BatchNorm2d(6).train(), nn.SiLU()
+    x = _input()
+    assert pointwise_conv_norm_act_applies(x, conv, norm, act)
+    assert not pointwise_conv_norm_act_applies(x.contiguous(), conv, norm, act)
+    assert not pointwise_conv_norm_act_applies(x.double(), conv, norm, act)
+    assert not pointwise_conv_norm_act_applies(x, nn.Conv2d(5, 6, 1), norm, act)
+    assert not pointwise_conv_norm_act_applies(x, nn.Conv2d(5, 6, 1, 2, bias=False), norm, act)
+    assert not pointwise_conv_norm_act_applies(x, nn.Conv2d(5, 6, 3, bias=False), norm, act)
+    assert not pointwise_conv_norm_act_applies(x, conv, copy.deepcopy(norm).eval(), act)
+    assert not pointwise_conv_norm_act_applies(x, conv, nn.BatchNorm2d(6, affine=False), act)
+    assert not pointwise_conv_norm_act_applies(x, conv, norm, nn.GELU())
+    with torch.no_grad():
+        assert not pointwise_conv_norm_act_applies(x, conv, norm, act)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not pointwise_conv_norm_act_applies(x, conv, norm, act)
+    with pytest.raises(ValueError, match="activation 'gelu'"):
+        pointwise_conv_norm_act(x, conv.weight, norm.weight, norm.bias, None, None, 0.1, 1e-5,
+                                "gelu", ReusableBuffers(), "site")
