@@ -7,7 +7,7 @@ expansion at a quarter of a 512 image is 50 MB at batch 2) the faults cost more 
 arithmetic: the 1x1 conv's matrix product into a fresh map of that size takes about 6x as long
 as into one already touched.
 PyTorch has no caching allocator for CPU tensors that Python can switch on, so this function
-keeps its own three maps per call site (conv output, norm output, activation output) and reuses
+keeps its own maps per call site (conv output, norm output, activation output) and reuses
 them on the next step once autograd has released them. It also writes the activation into the
 interior of a zeroed, padded map, so that a following TF-"same" strided conv needs no padding
 copy, and its backward works in place in the norm-output map. Forward outputs, running
@@ -100,12 +100,14 @@ class _PointwiseConvNormAct(torch.autograd.Function):
     def forward(ctx, x, conv_weight, norm_weight, norm_bias, running_mean, running_var,
                 momentum, eps, activation, padding, buffers, key):
         n, in_channels, h, w = x.shape
-        out_channels = conv_weight.shape[0]
+        out_channels = norm_weight.shape[0]
         top, bottom, left, right = padding
-        conv_out = buffers.get(key + ".conv", (n, out_channels, h, w), x)
-        torch.mm(x.permute(0, 2, 3, 1).reshape(-1, in_channels),
-                 conv_weight.reshape(out_channels, in_channels).t(),
-                 out=conv_out.permute(0, 2, 3, 1).view(-1, out_channels))
+        conv_out = x
+        if conv_weight is not None:
+            conv_out = buffers.get(key + ".conv", (n, out_channels, h, w), x)
+            torch.mm(x.permute(0, 2, 3, 1).reshape(-1, in_channels),
+                     conv_weight.reshape(out_channels, in_channels).t(),
+                     out=conv_out.permute(0, 2, 3, 1).view(-1, out_channels))
         norm_out = buffers.get(key + ".norm", (n, out_channels, h, w), x)
         save_mean = x.new_empty(out_channels)
         save_invstd = x.new_empty(out_channels)
@@ -132,17 +134,19 @@ class _PointwiseConvNormAct(torch.autograd.Function):
             grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd, True, ctx.eps,
             [need_x or need_conv_weight, need_norm_weight, need_norm_bias])
         grad_x = grad_conv_weight = None
-        if need_x or need_conv_weight:
+        if conv_weight is None:
+            grad_x = grad_conv_out
+        elif need_x or need_conv_weight:
             grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
                 grad_conv_out, x, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [need_x, need_conv_weight, False])
         return (grad_x, grad_conv_weight, grad_norm_weight, grad_norm_bias) + (None,) * 8
 
 
-def pointwise_conv_norm_act_applies(x: torch.Tensor, conv: nn.Module, norm: nn.Module,
+def pointwise_conv_norm_act_applies(x: torch.Tensor, conv: Optional[nn.Module], norm: nn.Module,
                                     activation: nn.Module) -> bool:
     """Whether :func:`pointwise_conv_norm_act` reproduces ``activation(norm(conv(x)))`` here: a
-    bias-free 1x1 stride-1 conv and a training-mode BatchNorm2d-like layer with affine
+    bias-free 1x1 stride-1 conv (or none) and a training-mode BatchNorm2d-like layer with affine
     parameters, in fp32 channels-last on the CPU with gradients on, outside autocast, tracing
     and compilation."""
     return (torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
@@ -150,22 +154,23 @@ def pointwise_conv_norm_act_applies(x: torch.Tensor, conv: nn.Module, norm: nn.M
             and not torch.is_autocast_enabled("cpu")
             and not torch.jit.is_tracing() and not torch.jit.is_scripting()
             and not torch.compiler.is_compiling()
-            and type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1
-            and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-            and conv.padding == (0, 0) and conv.dilation == (1, 1)
+            and (conv is None or (
+                type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1
+                and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+                and conv.padding == (0, 0) and conv.dilation == (1, 1)))
             and norm.training and getattr(norm, "weight", None) is not None
             and getattr(norm, "bias", None) is not None
             and type(activation) in POINTWISE_ACTIVATIONS)
 
 
-def pointwise_conv_norm_act(x: torch.Tensor, conv_weight: torch.Tensor,
+def pointwise_conv_norm_act(x: torch.Tensor, conv_weight: Optional[torch.Tensor],
                             norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                             running_mean: Optional[torch.Tensor],
                             running_var: Optional[torch.Tensor], momentum: float, eps: float,
                             activation: str, buffers: ReusableBuffers, key: str,
                             padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
     """``activation(batch_norm(conv2d(x, conv_weight), training=True))`` for a channels-last
-    ``x`` and a (C_out, C_in, 1, 1) weight, zero-padded by ``padding`` = (top, bottom, left,
+    ``x`` and a (C_out, C_in, 1, 1) weight (``None``: no conv), zero-padded by ``padding`` = (top, bottom, left,
     right), with its maps taken from ``buffers`` under ``key`` (one key per call site). Running
     statistics (when given) are updated with ``momentum`` as ``F.batch_norm`` does.
     ``activation`` is one of ``POINTWISE_ACTIVATIONS``' names. Check the case with

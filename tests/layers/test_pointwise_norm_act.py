@@ -42,9 +42,10 @@ def _run(fn, x, params, grad_seed=2):
     return y.detach().clone(), running_mean, running_var, grads
 
 
-def _reference(activation, padding):
+def _reference(activation, padding, with_conv=True):
     def fn(x, p, running_mean, running_var):
-        y = F.batch_norm(F.conv2d(x, p["conv_weight"]), running_mean, running_var,
+        y = F.conv2d(x, p["conv_weight"]) if with_conv else x
+        y = F.batch_norm(y, running_mean, running_var,
                          p["norm_weight"], p["norm_bias"], True, 0.1, 1e-3)
         y = ACTIVATION_FUNCTIONS[activation](y)
         top, bottom, left, right = padding
@@ -52,9 +53,10 @@ def _reference(activation, padding):
     return fn
 
 
-def _pooled(activation, padding, buffers, key="site"):
+def _pooled(activation, padding, buffers, key="site", with_conv=True):
     def fn(x, p, running_mean, running_var):
-        return pointwise_conv_norm_act(x, p["conv_weight"], p["norm_weight"], p["norm_bias"],
+        conv_weight = p["conv_weight"] if with_conv else None
+        return pointwise_conv_norm_act(x, conv_weight, p["norm_weight"], p["norm_bias"],
                                        running_mean, running_var, 0.1, 1e-3, activation, buffers,
                                        key, padding)
     return fn
@@ -62,21 +64,28 @@ def _pooled(activation, padding, buffers, key="site"):
 
 @pytest.mark.parametrize("activation", ["silu", "relu", "identity"])
 @pytest.mark.parametrize("padding", [(0, 0, 0, 0), (0, 1, 0, 1), (1, 2, 2, 1)])
-def test_equals_conv_batch_norm_activation(activation, padding):
+@pytest.mark.parametrize("with_conv", [True, False])
+def test_equals_conv_batch_norm_activation(activation, padding, with_conv):
     """Outputs (with a zero border), running statistics and all gradients equal those of
-    conv2d + batch_norm + activation + pad, over two steps that reuse the pooled maps."""
+    conv2d (or none) + batch_norm + activation + pad, over two steps that reuse the pooled
+    maps."""
     buffers = ReusableBuffers()
-    params, x = _parameters(), _input()
+    params = _parameters(in_channels=5 if with_conv else 6)
+    x = _input(shape=(2, 5 if with_conv else 6, 9, 10))
     for step in range(2):
-        expected = _run(_reference(activation, padding), x, params, grad_seed=step)
-        actual = _run(_pooled(activation, padding, buffers), x, params, grad_seed=step)
+        expected = _run(_reference(activation, padding, with_conv), x, params, grad_seed=step)
+        actual = _run(_pooled(activation, padding, buffers, with_conv=with_conv), x, params,
+                      grad_seed=step)
         torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(actual[2], expected[2], rtol=1e-6, atol=1e-6)
         for name in expected[3]:
+            if expected[3][name] is None:  # the conv weight without a conv
+                assert actual[3][name] is None
+                continue
             torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
-    assert len(buffers) == 3
+    assert len(buffers) == (3 if with_conv else 2)
 
 
 def test_maps_reused_only_when_released():
@@ -124,6 +133,7 @@ def test_applies_only_where_it_reproduces_the_modules():
     conv, norm, act = nn.Conv2d(5, 6, 1, bias=False), nn.BatchNorm2d(6).train(), nn.SiLU()
     x = _input()
     assert pointwise_conv_norm_act_applies(x, conv, norm, act)
+    assert pointwise_conv_norm_act_applies(_input(shape=(2, 6, 9, 10)), None, norm, act)
     assert not pointwise_conv_norm_act_applies(x.contiguous(), conv, norm, act)
     assert not pointwise_conv_norm_act_applies(x.double(), conv, norm, act)
     assert not pointwise_conv_norm_act_applies(x, nn.Conv2d(5, 6, 1), norm, act)

@@ -153,8 +153,8 @@ def test_efficientnet_split_gradient_depthwise_convs_train_like_timm_convs():
         torch.testing.assert_close(state[name], ref_state[name], rtol=1e-5, atol=1e-6)
 
 
-def test_efficientnet_training_expansions_equal_timm_and_reuse_their_maps():
-    """In training, the MBConv expansions run through pooled maps (pointwise_conv_norm_act):
+def test_efficientnet_training_norms_equal_timm_and_reuse_their_maps():
+    """In training, the BN + activation layers run through pooled maps (pointwise_conv_norm_act):
     features, gradients and BN statistics equal timm's own forward over two steps, the second
     step reuses the first one's maps, and eval mode releases them."""
     import copy
@@ -183,13 +183,15 @@ def test_efficientnet_training_expansions_equal_timm_and_reuse_their_maps():
         ref_state = reference.state_dict()
         for name, value in backbone.state_dict().items():
             torch.testing.assert_close(value, ref_state[name], rtol=1e-5, atol=1e-7)
-        maps = backbone._expansion_buffers._maps
+        maps = backbone._train_buffers._maps
         addresses.append({k: v.data_ptr() for k, v in maps.items()})
-    blocks = sum(isinstance(m, InvertedResidual) for m in backbone.modules())
-    assert len(addresses[0]) == 3 * blocks == 45
+    mbconv = sum(isinstance(m, InvertedResidual) for m in backbone.modules())
+    # norm and activation maps of the stem, the depthwise-separable block and each MBConv's two
+    # BNs, plus the expansion conv's output
+    assert len(addresses[0]) == 2 + 2 + mbconv * (2 + 1 + 2) == 79
     assert addresses[1] == addresses[0]
     backbone.eval()
-    assert len(backbone._expansion_buffers) == 0
+    assert len(backbone._train_buffers) == 0
     # contiguous maps take timm's forward
     backbone.to(memory_format=torch.contiguous_format).train()(x.contiguous())
-    assert len(backbone._expansion_buffers) == 0
+    assert len(backbone._train_buffers) == 0

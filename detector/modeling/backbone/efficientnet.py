@@ -10,7 +10,7 @@ are fixed (eval mode, or FrozenBN) runs its blocks with each conv + norm + activ
 residual add) folded into one convolution (:func:`detector.layers.fused_conv_norm_act`): timm's
 own forward runs them as three to four passes over every feature map.
 """
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -146,38 +146,62 @@ def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _expansion_trains_pooled(block: nn.Module, x: torch.Tensor) -> bool:
-    """Whether :func:`_train_block` runs ``block``'s expansion (1x1 conv + BN + activation) by
-    :func:`detector.layers.pointwise_conv_norm_act`: a timm MBConv block with a plain
-    training-mode BatchNorm (not SyncBN) and no space-to-depth stem."""
-    return (type(block) is InvertedResidual and getattr(block, "conv_s2d", None) is None
-            and type(block.bn1) is BatchNormAct2d and isinstance(block.bn1.drop, nn.Identity)
-            and block.bn1.track_running_stats
-            and pointwise_conv_norm_act_applies(x, block.conv_pw, block.bn1, block.bn1.act))
+def _norm_act_pooled(norm: nn.Module, x: torch.Tensor, conv: Optional[nn.Module] = None) -> bool:
+    """Whether ``norm(conv(x))`` (``conv`` a 1x1 conv or None) can run through
+    :func:`detector.layers.pointwise_conv_norm_act`: a plain training-mode timm BatchNorm (not
+    SyncBN) with running statistics and a supported activation."""
+    return (type(norm) is BatchNormAct2d and isinstance(norm.drop, nn.Identity)
+            and norm.track_running_stats
+            and pointwise_conv_norm_act_applies(x, conv, norm, norm.act))
+
+
+def _pooled_norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers, key: str,
+                     conv: Optional[nn.Module] = None,
+                     padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``norm(conv(x))`` (checked by :func:`_norm_act_pooled`) written into pooled maps."""
+    # timm's own momentum rule (cumulative average when momentum is None)
+    norm.num_batches_tracked.add_(1)
+    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
+    return pointwise_conv_norm_act(x, None if conv is None else conv.weight, norm.weight,
+                                   norm.bias, norm.running_mean, norm.running_var, momentum,
+                                   norm.eps, POINTWISE_ACTIVATIONS[type(norm.act)], buffers, key,
+                                   padding)
+
+
+def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers, key: str,
+              conv: Optional[nn.Module] = None) -> torch.Tensor:
+    """``norm(conv(x))``, through pooled maps where it can."""
+    if _norm_act_pooled(norm, x, conv):
+        return _pooled_norm_act(norm, x, buffers, key, conv)
+    return norm(x if conv is None else conv(x))
 
 
 def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
                  key: str) -> torch.Tensor:
-    """timm's ``InvertedResidual`` forward (checked by :func:`_expansion_trains_pooled`) with its
-    expansion written into pooled maps, padded there for a TF-"same" depthwise conv."""
+    """timm's ``InvertedResidual`` / ``DepthwiseSeparableConv`` forward (without space-to-depth)
+    with each BN + activation written into pooled maps where :func:`_norm_act_pooled` allows;
+    an MBConv expansion joins its 1x1 conv and is padded there for a TF-"same" depthwise conv."""
     shortcut = x
-    bn, conv_dw = block.bn1, block.conv_dw
-    prepad = isinstance(conv_dw, Conv2dSame) and conv_dw.dilation == (1, 1)
-    padding = (0, 0, 0, 0)
-    if prepad:
-        padding = (same_padding_amounts(int(x.shape[-2]), conv_dw.kernel_size[0], conv_dw.stride[0])
-                   + same_padding_amounts(int(x.shape[-1]), conv_dw.kernel_size[1],
-                                          conv_dw.stride[1]))
-    # timm's own momentum rule (cumulative average when momentum is None)
-    bn.num_batches_tracked.add_(1)
-    momentum = (1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum)
-    x = pointwise_conv_norm_act(x, block.conv_pw.weight, bn.weight, bn.bias, bn.running_mean,
-                                bn.running_var, momentum, bn.eps,
-                                POINTWISE_ACTIVATIONS[type(bn.act)], buffers, key, padding)
-    # Conv2dSame pads in its forward; the map is padded already
-    x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias) if prepad else conv_dw(x)
-    x = block.se(block.aa(block.bn2(x)))
-    x = block.bn3(block.conv_pwl(x))
+    conv_dw = block.conv_dw
+    if isinstance(block, InvertedResidual):
+        prepad = (isinstance(conv_dw, Conv2dSame) and conv_dw.dilation == (1, 1)
+                  and _norm_act_pooled(block.bn1, x, block.conv_pw))
+        if prepad:
+            padding = tuple(
+                same_padding_amounts(int(size), k, stride)
+                for size, k, stride in zip(x.shape[-2:], conv_dw.kernel_size, conv_dw.stride))
+            x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw,
+                                 padding[0] + padding[1])
+            # Conv2dSame pads in its forward; the map is padded already
+            x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias)
+        else:
+            x = conv_dw(_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw))
+        x = _norm_act(block.bn2, x, buffers, key + ".bn2")
+        last_conv, last_norm = block.conv_pwl, block.bn3
+    else:
+        x = _norm_act(block.bn1, conv_dw(x), buffers, key + ".bn1")
+        last_conv, last_norm = block.conv_pw, block.bn2
+    x = last_norm(last_conv(block.se(block.aa(x))))
     if block.has_skip:
         x = block.drop_path(x) + shortcut
     return x
@@ -238,8 +262,8 @@ class EfficientNetBackbone(Backbone):
         for module in self.body.modules():
             if isinstance(module, nn.SiLU):
                 module.inplace = False
-        # maps of the MBConv expansions kept between training steps (see _train_block)
-        self._expansion_buffers = ReusableBuffers()
+        # BN + activation maps kept between training steps (see _train_block)
+        self._train_buffers = ReusableBuffers()
 
     def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
         frozen: List[nn.Module] = []
@@ -273,19 +297,20 @@ class EfficientNetBackbone(Backbone):
 
     def train(self, mode: bool = True) -> "EfficientNetBackbone":
         if not mode:
-            self._expansion_buffers.clear()
+            self._train_buffers.clear()
         return super().train(mode)
 
     def _forward_training(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """timm's ``EfficientNetFeatures.forward`` with the MBConv expansions that
-        :func:`_expansion_trains_pooled` accepts run by :func:`_train_block`."""
+        """timm's ``EfficientNetFeatures.forward`` with its BN + activation layers written into
+        maps reused between steps (:func:`_train_block`)."""
         body = self.body
-        x = body.bn1(body.conv_stem(x))
+        x = _norm_act(body.bn1, body.conv_stem(x), self._train_buffers, "bn1")
         features = [x] if 0 in body._stage_out_idx else []
         for i, stage in enumerate(body.blocks):
             for j, block in enumerate(stage):
-                if _expansion_trains_pooled(block, x):
-                    x = _train_block(block, x, self._expansion_buffers, f"blocks.{i}.{j}")
+                if (type(block) in _BLOCK_NORMS
+                        and getattr(block, "conv_s2d", None) is None):
+                    x = _train_block(block, x, self._train_buffers, f"blocks.{i}.{j}")
                 else:
                     x = block(x)
             if i + 1 in body._stage_out_idx:
