@@ -114,12 +114,17 @@ class _PointwiseConvNormAct(torch.autograd.Function):
         torch.ops.aten.native_batch_norm.out(
             conv_out, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps,
             out=norm_out, save_mean=save_mean, save_invstd=save_invstd)
+        ctx.eps, ctx.activation, ctx.padding = eps, activation, padding
+        if activation == "identity" and not any(padding):
+            # the norm's map is the output; its backward needs neither it nor a copy of it
+            ctx.save_for_backward(x, conv_weight, norm_weight, conv_out, None, save_mean,
+                                  save_invstd)
+            return norm_out
         padded = buffers.get(key + ".act", (n, out_channels, h + top + bottom, w + left + right),
                              x, zeroed=any(padding))
         _activation_forward(activation, norm_out, padded[:, :, top:top + h, left:left + w])
         ctx.save_for_backward(x, conv_weight, norm_weight, conv_out, norm_out, save_mean,
                               save_invstd)
-        ctx.eps, ctx.activation, ctx.padding = eps, activation, padding
         return padded
 
     @staticmethod
@@ -128,7 +133,8 @@ class _PointwiseConvNormAct(torch.autograd.Function):
         top, _, left, _ = ctx.padding
         h, w = conv_out.shape[-2:]
         grad = grad_padded[:, :, top:top + h, left:left + w]
-        grad_norm_out = _activation_backward_(ctx.activation, grad, norm_out)
+        grad_norm_out = grad if norm_out is None else _activation_backward_(ctx.activation, grad,
+                                                                             norm_out)
         need_x, need_conv_weight, need_norm_weight, need_norm_bias = ctx.needs_input_grad[:4]
         grad_conv_out, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
             grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd, True, ctx.eps,

@@ -9,6 +9,12 @@ Inside :func:`detector.layers.conv_norm_fusion` (``MODEL.FUSE_CONV_NORM``), a ne
 are fixed (eval mode, or FrozenBN) runs its blocks with each conv + norm + activation (+ the
 residual add) folded into one convolution (:func:`detector.layers.fused_conv_norm_act`): timm's
 own forward runs them as three to four passes over every feature map.
+
+In training on CPU (fp32, channels-last, plain BN), each BN + activation, with the 1x1 conv before
+it, writes into maps kept between steps (:func:`detector.layers.pointwise_conv_norm_act`): fresh
+large maps cost a page fault per 4 KB on every step. The squeeze-excite MLP runs as linear layers
+and the strided 5x5 depthwise convs take the split weight gradient of
+:func:`detector.layers.depthwise_conv2d`.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -35,6 +41,7 @@ from detector.layers import (
     ReusableBuffers,
     as_norm_spec,
     check_padding_mode,
+    depthwise_conv2d,
     foldable,
     fused_conv_norm_act,
     fusion_enabled,
@@ -132,7 +139,7 @@ def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(block, InvertedResidual):
         x = _conv_norm_act(x, block.conv_pw, block.bn1)
         x = _conv_norm_act(x, block.conv_dw, block.bn2)
-        last_conv, last_norm = block.conv_pwl, block.bn3
+        last_conv, last_norm, last_norm_name = block.conv_pwl, block.bn3, "bn3"
     else:
         x = _conv_norm_act(x, block.conv_dw, block.bn1)
         last_conv, last_norm = block.conv_pw, block.bn2
@@ -193,15 +200,19 @@ def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
             x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw,
                                  padding[0] + padding[1])
             # Conv2dSame pads in its forward; the map is padded already
-            x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias)
+            if conv_dw.groups == conv_dw.in_channels == conv_dw.out_channels:
+                x = depthwise_conv2d(x, conv_dw.weight, conv_dw.bias, conv_dw.stride)
+            else:
+                x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias)
         else:
             x = conv_dw(_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw))
         x = _norm_act(block.bn2, x, buffers, key + ".bn2")
-        last_conv, last_norm = block.conv_pwl, block.bn3
+        last_conv, last_norm, last_norm_name = block.conv_pwl, block.bn3, "bn3"
     else:
         x = _norm_act(block.bn1, conv_dw(x), buffers, key + ".bn1")
-        last_conv, last_norm = block.conv_pw, block.bn2
-    x = last_norm(last_conv(block.se(block.aa(x))))
+        last_conv, last_norm, last_norm_name = block.conv_pw, block.bn2, "bn2"
+    x = _norm_act(last_norm, _squeeze_excite(block.se, block.aa(x)), buffers, key + "." + last_norm_name,
+                  last_conv)
     if block.has_skip:
         x = block.drop_path(x) + shortcut
     return x
