@@ -48,6 +48,7 @@ from .separable import (
     variance_scaling_,
 )
 from .shape_spec import ShapeSpec
+from .squeeze_excite import squeeze_excite, squeeze_excite_applies
 
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
@@ -59,9 +60,10 @@ __all__ = [
     "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
     "replace_modules", "POINTWISE_ACTIVATIONS", "ReusableBuffers", "pointwise_conv_norm_act",
-    "pointwise_conv_norm_act_applies", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode", "conv2d_padded",
+    "pointwise_conv_norm_act_applies", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode",
+    "conv2d_padded",
     "same_padding_amounts",
     "ACTIVATIONS", "SeparableConv2d", "SeparableConvNormAct", "check_layer_norm",
     "glorot_uniform_", "make_activation",
-    "variance_scaling_", "ShapeSpec",
+    "variance_scaling_", "ShapeSpec", "squeeze_excite", "squeeze_excite_applies",
 ]

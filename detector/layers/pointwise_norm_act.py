@@ -176,11 +176,11 @@ def pointwise_conv_norm_act(x: torch.Tensor, conv_weight: Optional[torch.Tensor]
                             activation: str, buffers: ReusableBuffers, key: str,
                             padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
     """``activation(batch_norm(conv2d(x, conv_weight), training=True))`` for a channels-last
-    ``x`` and a (C_out, C_in, 1, 1) weight (``None``: no conv), zero-padded by ``padding`` = (top, bottom, left,
-    right), with its maps taken from ``buffers`` under ``key`` (one key per call site). Running
-    statistics (when given) are updated with ``momentum`` as ``F.batch_norm`` does.
-    ``activation`` is one of ``POINTWISE_ACTIVATIONS``' names. Check the case with
-    :func:`pointwise_conv_norm_act_applies`."""
+    ``x`` and a (C_out, C_in, 1, 1) weight (``None``: no conv), zero-padded by ``padding`` =
+    (top, bottom, left, right), with its maps taken from ``buffers`` under ``key`` (one key per
+    call site). Running statistics (when given) are updated with ``momentum`` as
+    ``F.batch_norm`` does. ``activation`` is one of ``POINTWISE_ACTIVATIONS``' names. Check the
+    case with :func:`pointwise_conv_norm_act_applies`."""
     if activation not in POINTWISE_ACTIVATIONS.values():
         raise ValueError(f"activation '{activation}' is not one of "
                          f"{sorted(POINTWISE_ACTIVATIONS.values())}")

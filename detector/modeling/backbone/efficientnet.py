@@ -12,9 +12,9 @@ own forward runs them as three to four passes over every feature map.
 
 In training on CPU (fp32, channels-last, plain BN), each BN + activation, with the 1x1 conv before
 it, writes into maps kept between steps (:func:`detector.layers.pointwise_conv_norm_act`): fresh
-large maps cost a page fault per 4 KB on every step. The squeeze-excite MLP runs as linear layers
-and the strided 5x5 depthwise convs take the split weight gradient of
-:func:`detector.layers.depthwise_conv2d`.
+large maps cost a page fault per 4 KB on every step. Squeeze-excite runs with a hand-written
+backward (:func:`detector.layers.squeeze_excite`), and the strided 5x5 depthwise convs take the
+split weight gradient of :func:`detector.layers.depthwise_conv2d`.
 """
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -51,6 +51,8 @@ from detector.layers import (
     replace_modules,
     same_padding_amounts,
     split_depthwise_weight_gradients,
+    squeeze_excite,
+    squeeze_excite_applies,
 )
 
 from .base import Backbone, check_out_features
@@ -120,9 +122,14 @@ def _conv_norm_act(x: torch.Tensor, conv: nn.Conv2d, norm: nn.Module,
 
 def _squeeze_excite(se: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm's ``SqueezeExcite`` with its two 1x1 convs on the pooled (N, C) vector run as linear
-    layers: as convs on a 1x1 map they take PyTorch's slow im2col path."""
+    layers: as convs on a 1x1 map they take PyTorch's slow im2col path. In CPU training, with
+    SiLU and a sigmoid gate, :func:`detector.layers.squeeze_excite` (hand-written backward)."""
     if type(se) is not SqueezeExcite:
         return se(x)
+    if (squeeze_excite_applies(x) and type(se.act1) is nn.SiLU
+            and type(se.gate) is nn.Sigmoid):
+        return squeeze_excite(x, se.conv_reduce.weight.flatten(1), se.conv_reduce.bias,
+                              se.conv_expand.weight.flatten(1), se.conv_expand.bias)
     pooled = x.mean((2, 3))
     pooled = se.act1(nn.functional.linear(pooled, se.conv_reduce.weight.flatten(1),
                                           se.conv_reduce.bias))
@@ -139,7 +146,7 @@ def _fused_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(block, InvertedResidual):
         x = _conv_norm_act(x, block.conv_pw, block.bn1)
         x = _conv_norm_act(x, block.conv_dw, block.bn2)
-        last_conv, last_norm, last_norm_name = block.conv_pwl, block.bn3, "bn3"
+        last_conv, last_norm = block.conv_pwl, block.bn3
     else:
         x = _conv_norm_act(x, block.conv_dw, block.bn1)
         last_conv, last_norm = block.conv_pw, block.bn2
@@ -211,8 +218,8 @@ def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
     else:
         x = _norm_act(block.bn1, conv_dw(x), buffers, key + ".bn1")
         last_conv, last_norm, last_norm_name = block.conv_pw, block.bn2, "bn2"
-    x = _norm_act(last_norm, _squeeze_excite(block.se, block.aa(x)), buffers, key + "." + last_norm_name,
-                  last_conv)
+    x = _squeeze_excite(block.se, block.aa(x))
+    x = _norm_act(last_norm, x, buffers, f"{key}.{last_norm_name}", last_conv)
     if block.has_skip:
         x = block.drop_path(x) + shortcut
     return x
