@@ -39,15 +39,34 @@ def depthwise_weight_grad(grad_output: torch.Tensor, x: torch.Tensor, kernel_siz
                      and not x.is_contiguous() else torch.contiguous_format)
     x_padded = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
     out_h, out_w = grad_output.shape[-2:]
-    rows, cols = (out_h - 1) * sh + 3, (out_w - 1) * sw + 3
+    offsets_h, offsets_w = _block_offsets(kh), _block_offsets(kw)
     block_weight = x.new_empty((channels, 1, 3, 3)).contiguous(memory_format=memory_format)
     grad_weight = x.new_empty((channels, 1, kh, kw))
-    for top in _block_offsets(kh):
-        for left in _block_offsets(kw):
-            crop = x_padded[:, :, top:top + rows, left:left + cols]
+    # strided, with blocks one or more output steps apart: shifting the output gradient (a
+    # quarter of the input at stride 2) costs less than cropping the input for every block
+    shift_gradient = ((sh, sw) != (1, 1) and all(top % sh == 0 for top in offsets_h)
+                      and all(left % sw == 0 for left in offsets_w))
+    if shift_gradient:
+        full_h = (x_padded.shape[-2] - 3) // sh + 1
+        full_w = (x_padded.shape[-1] - 3) // sw + 1
+        x_padded = x_padded.contiguous(memory_format=memory_format)
+    rows, cols = (out_h - 1) * sh + 3, (out_w - 1) * sw + 3
+    for top in offsets_h:
+        for left in offsets_w:
+            if shift_gradient:
+                block_grad = torch.empty(
+                    (grad_output.shape[0], channels, full_h, full_w), dtype=grad_output.dtype,
+                    device=grad_output.device, memory_format=memory_format).zero_()
+                block_grad[:, :, top // sh:top // sh + out_h,
+                           left // sw:left // sw + out_w] = grad_output
+                block_input = x_padded
+            else:
+                block_grad = grad_output
+                block_input = x_padded[:, :, top:top + rows, left:left + cols].contiguous(
+                    memory_format=memory_format)
             grad_block = torch.ops.aten.convolution_backward(
-                grad_output, crop.contiguous(memory_format=memory_format), block_weight, None,
-                [sh, sw], [0, 0], [1, 1], False, [0, 0], channels, [False, True, False])[1]
+                block_grad, block_input, block_weight, None, [sh, sw], [0, 0], [1, 1], False,
+                [0, 0], channels, [False, True, False])[1]
             grad_weight[:, :, top:top + 3, left:left + 3] = grad_block
     return grad_weight
 
@@ -135,14 +154,12 @@ class DepthwiseConv2d(nn.Conv2d):
 
 
 def _split_gradient_conv(module: nn.Module) -> nn.Module:
-    if (DepthwiseConv2d.convertible(module) and max(module.kernel_size) > 3
-            and tuple(module.stride) == (1, 1)):
+    if DepthwiseConv2d.convertible(module) and max(module.kernel_size) > 3:
         return DepthwiseConv2d.from_conv(module)
     return module
 
 
 def split_depthwise_weight_gradients(module: nn.Module) -> nn.Module:
-    """``module`` with each stride-1 depthwise ``nn.Conv2d`` above 3x3 replaced by a
-    :class:`DepthwiseConv2d` sharing its parameters (the strided ones gained nothing measurable:
-    oneDNN's strided 5x5 gradient is less slow)."""
+    """``module`` with each depthwise ``nn.Conv2d`` above 3x3 replaced by a
+    :class:`DepthwiseConv2d` sharing its parameters."""
     return replace_modules(module, _split_gradient_conv)

@@ -104,13 +104,13 @@ def test_from_conv_refuses_other_convs(conv):
         DepthwiseConv2d.from_conv(conv)
 
 
-def test_split_depthwise_weight_gradients_converts_only_stride_1_large_depthwise_convs():
+def test_split_depthwise_weight_gradients_converts_only_large_depthwise_convs():
     model = nn.Sequential(nn.Conv2d(4, 4, 5, padding=2, groups=4, bias=False),  # converted
-                          nn.Conv2d(4, 4, 5, stride=2, padding=2, groups=4),  # strided: kept
+                          nn.Conv2d(4, 4, 5, stride=2, padding=2, groups=4),  # converted
                           nn.Conv2d(4, 4, 3, padding=1, groups=4),  # 3x3: kept
                           nn.Conv2d(4, 8, 5, padding=2, groups=4))  # not depthwise: kept
     keys = list(model.state_dict())
     first_weight = model[0].weight
     model = split_depthwise_weight_gradients(model)
-    assert [type(m) for m in model] == [DepthwiseConv2d, nn.Conv2d, nn.Conv2d, nn.Conv2d]
+    assert [type(m) for m in model] == [DepthwiseConv2d, DepthwiseConv2d, nn.Conv2d, nn.Conv2d]
     assert model[0].weight is first_weight and list(model.state_dict()) == keys
