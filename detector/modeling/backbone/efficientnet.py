@@ -37,6 +37,7 @@ from torch import nn
 
 from detector.layers import (
     POINTWISE_ACTIVATIONS,
+    DepthwiseConv2d,
     NormSpec,
     ReusableBuffers,
     as_norm_spec,
@@ -190,27 +191,39 @@ def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers, key: s
     return norm(x if conv is None else conv(x))
 
 
+def _prepadding(conv: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, int, int, int]]:
+    """(top, bottom, left, right) zero padding of ``conv``'s input that lets it run unpadded: for
+    a depthwise conv padding TF-"same" in its forward (Conv2dSame) or statically with a split
+    weight gradient (DepthwiseConv2d); None for other convs."""
+    if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels
+            and conv.dilation == (1, 1)):
+        return None
+    if isinstance(conv, Conv2dSame):
+        (top, bottom), (left, right) = (
+            same_padding_amounts(int(size), k, stride)
+            for size, k, stride in zip(x.shape[-2:], conv.kernel_size, conv.stride))
+        return top, bottom, left, right
+    if isinstance(conv, DepthwiseConv2d):
+        (pad_h, pad_w) = conv.padding
+        return pad_h, pad_h, pad_w, pad_w
+    return None
+
+
 def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
                  key: str) -> torch.Tensor:
     """timm's ``InvertedResidual`` / ``DepthwiseSeparableConv`` forward (without space-to-depth)
     with each BN + activation written into pooled maps where :func:`_norm_act_pooled` allows;
-    an MBConv expansion joins its 1x1 conv and is padded there for a TF-"same" depthwise conv."""
+    an MBConv expansion joins its 1x1 conv and is padded there for its depthwise conv when
+    :func:`_prepadding` says so."""
     shortcut = x
     conv_dw = block.conv_dw
     if isinstance(block, InvertedResidual):
-        prepad = (isinstance(conv_dw, Conv2dSame) and conv_dw.dilation == (1, 1)
-                  and _norm_act_pooled(block.bn1, x, block.conv_pw))
-        if prepad:
-            padding = tuple(
-                same_padding_amounts(int(size), k, stride)
-                for size, k, stride in zip(x.shape[-2:], conv_dw.kernel_size, conv_dw.stride))
-            x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw,
-                                 padding[0] + padding[1])
-            # Conv2dSame pads in its forward; the map is padded already
-            if conv_dw.groups == conv_dw.in_channels == conv_dw.out_channels:
-                x = depthwise_conv2d(x, conv_dw.weight, conv_dw.bias, conv_dw.stride)
-            else:
-                x = nn.Conv2d._conv_forward(conv_dw, x, conv_dw.weight, conv_dw.bias)
+        padding = _prepadding(conv_dw, x)
+        if padding is not None and _norm_act_pooled(block.bn1, x, block.conv_pw):
+            x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw, padding)
+            # the map is padded already: Conv2dSame would pad in its forward, and the split
+            # weight gradient of a 5x5 depthwise conv would pad its input again
+            x = depthwise_conv2d(x, conv_dw.weight, conv_dw.bias, conv_dw.stride)
         else:
             x = conv_dw(_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw))
         x = _norm_act(block.bn2, x, buffers, key + ".bn2")
