@@ -64,14 +64,15 @@ def _pooled(activation, padding, buffers, key="site", with_conv=True):
 
 @pytest.mark.parametrize("activation", ["silu", "relu", "identity"])
 @pytest.mark.parametrize("padding", [(0, 0, 0, 0), (0, 1, 0, 1), (1, 2, 2, 1)])
-@pytest.mark.parametrize("with_conv", [True, False])
-def test_equals_conv_batch_norm_activation(activation, padding, with_conv):
+@pytest.mark.parametrize("in_channels", [5, 40, None])  # conv backward by oneDNN, by matmul; none
+def test_equals_conv_batch_norm_activation(activation, padding, in_channels):
     """Outputs (with a zero border), running statistics and all gradients equal those of
     conv2d (or none) + batch_norm + activation + pad, over two steps that reuse the pooled
     maps."""
+    with_conv = in_channels is not None
     buffers = ReusableBuffers()
-    params = _parameters(in_channels=5 if with_conv else 6)
-    x = _input(shape=(2, 5 if with_conv else 6, 9, 10))
+    params = _parameters(in_channels=in_channels or 6)
+    x = _input(shape=(2, in_channels or 6, 9, 10))
     for step in range(2):
         expected = _run(_reference(activation, padding, with_conv), x, params, grad_seed=step)
         actual = _run(_pooled(activation, padding, buffers, with_conv=with_conv), x, params,
@@ -85,8 +86,10 @@ def test_equals_conv_batch_norm_activation(activation, padding, with_conv):
                 continue
             torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
-    # conv, norm and activation maps; an identity without padding returns the norm's map
-    assert len(buffers) == with_conv + 1 + (activation != "identity" or any(padding))
+    # conv, norm and activation maps (and the input gradient's with matmuls); an identity
+    # without padding returns the norm's map
+    assert len(buffers) == (with_conv + (in_channels == 40) + 1
+                            + (activation != "identity" or any(padding)))
 
 
 def test_maps_reused_only_when_released():

@@ -201,11 +201,17 @@ def test_efficientnet_training_norms_match_timm_and_reuse_their_maps():
         addresses.append({k: v.data_ptr() for k, v in maps.items()})
         # the returned features are pooled maps too: held, they would not be reused
         del results, ours, timm, exact, features
-    mbconv = sum(isinstance(m, InvertedResidual) for m in backbone.modules())
+    blocks = [b for stage in backbone.body.blocks for b in stage]
+    mbconv = sum(isinstance(b, InvertedResidual) for b in blocks)
+    pointwise_convs = [c for b in blocks for c in (b.conv_pw, getattr(b, "conv_pwl", None))
+                       if c is not None]
     # norm and activation maps of the stem and of each block's BNs with an activation, norm
     # maps of the BNs without one (their output), conv maps of the 1x1 convs before a BN:
-    # depthwise-separable block 2 + 2, MBConv 3 (expansion) + 2 + 2 (projection)
-    assert len(addresses[0]) == 2 + 4 + mbconv * 7 == 111
+    # depthwise-separable block 2 + 2, MBConv 3 (expansion) + 2 + 2 (projection); and the
+    # input-gradient maps of the 1x1 convs whose backward runs as matmuls (32+ input channels)
+    wide = sum(c.in_channels >= 32 for c in pointwise_convs)
+    assert len(pointwise_convs) == 1 + 2 * mbconv and wide == 28
+    assert len(addresses[0]) == 2 + 4 + mbconv * 7 + wide == 139
     assert addresses[1] == addresses[0]
     backbone.eval()
     assert len(backbone._train_buffers) == 0
