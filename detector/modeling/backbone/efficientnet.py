@@ -183,10 +183,10 @@ def _pooled_norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
                                    padding)
 
 
-def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers, key: str,
+def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBuffers], key: str,
               conv: Optional[nn.Module] = None) -> torch.Tensor:
-    """``norm(conv(x))``, through pooled maps where it can."""
-    if _norm_act_pooled(norm, x, conv):
+    """``norm(conv(x))``, through pooled maps where it can (never without ``buffers``)."""
+    if buffers is not None and _norm_act_pooled(norm, x, conv):
         return _pooled_norm_act(norm, x, buffers, key, conv)
     return norm(x if conv is None else conv(x))
 
@@ -209,17 +209,19 @@ def _prepadding(conv: nn.Module, x: torch.Tensor) -> Optional[Tuple[int, int, in
     return None
 
 
-def _train_block(block: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
+def _train_block(block: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBuffers],
                  key: str) -> torch.Tensor:
     """timm's ``InvertedResidual`` / ``DepthwiseSeparableConv`` forward (without space-to-depth)
-    with each BN + activation written into pooled maps where :func:`_norm_act_pooled` allows;
+    with each BN + activation written into ``buffers``' maps where :func:`_norm_act_pooled`
+    allows (nowhere when None);
     an MBConv expansion joins its 1x1 conv and is padded there for its depthwise conv when
     :func:`_prepadding` says so."""
     shortcut = x
     conv_dw = block.conv_dw
     if isinstance(block, InvertedResidual):
         padding = _prepadding(conv_dw, x)
-        if padding is not None and _norm_act_pooled(block.bn1, x, block.conv_pw):
+        if (padding is not None and buffers is not None
+                and _norm_act_pooled(block.bn1, x, block.conv_pw)):
             x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw, padding)
             # the map is padded already: Conv2dSame would pad in its forward, and the split
             # weight gradient of a 5x5 depthwise conv would pad its input again
@@ -245,6 +247,8 @@ class EfficientNetBackbone(Backbone):
         out_features: subset of ``c1``..``c5``.
         drop_path_rate: stochastic depth (drop connect) rate of the MBConv blocks, linearly
             increasing with depth as in timm.
+        reuse_training_maps: in fp32 CPU training, keep the BN + activation maps between steps
+            (:func:`detector.layers.pointwise_conv_norm_act`): faster, more peak memory.
         norm: a :class:`detector.layers.NormSpec` (or name) of "BN", "SyncBN" or "FrozenBN"
             (statistics and affine parameters fixed); its ``bn_momentum`` and ``bn_eps`` go to
             timm's BatchNorms (EfficientDet: 0.01 and 1e-3).
@@ -253,7 +257,8 @@ class EfficientNetBackbone(Backbone):
 
     def __init__(self, *, variant: str = "b0", padding_mode: str = "same",
                  out_features: Sequence[str] = ("c3", "c4", "c5"), drop_path_rate: float = 0.2,
-                 norm="BN", freeze_at: int = 0, in_channels: int = 3):
+                 reuse_training_maps: bool = True, norm="BN", freeze_at: int = 0,
+                 in_channels: int = 3):
         super().__init__()
 
         if variant not in EFFICIENTNET_VARIANTS:
@@ -294,7 +299,7 @@ class EfficientNetBackbone(Backbone):
             if isinstance(module, nn.SiLU):
                 module.inplace = False
         # BN + activation maps kept between training steps (see _train_block)
-        self._train_buffers = ReusableBuffers()
+        self._train_buffers = ReusableBuffers() if reuse_training_maps else None
 
     def _freeze(self, freeze_at: int, all_frozen_bn: bool) -> None:
         frozen: List[nn.Module] = []
@@ -327,7 +332,7 @@ class EfficientNetBackbone(Backbone):
         return dict(zip(self.out_features, self.body(x)))
 
     def train(self, mode: bool = True) -> "EfficientNetBackbone":
-        if not mode:
+        if not mode and self._train_buffers is not None:
             self._train_buffers.clear()
         return super().train(mode)
 
@@ -372,6 +377,7 @@ class EfficientNetBackbone(Backbone):
             "padding_mode": e.PADDING or "same",
             "out_features": list(cfg.MODEL.BACKBONE.OUT_FEATURES),
             "drop_path_rate": e.DROP_PATH_RATE,
+            "reuse_training_maps": e.REUSE_TRAINING_MAPS,
             "norm": NormSpec.from_config(cfg, cfg.MODEL.BACKBONE.NORM, key="MODEL.BACKBONE.NORM"),
             "freeze_at": cfg.MODEL.BACKBONE.FREEZE_AT,
             "in_channels": len(cfg.MODEL.PIXEL_MEAN),
