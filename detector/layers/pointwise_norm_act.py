@@ -7,12 +7,12 @@ expansion at a quarter of a 512 image is 50 MB at batch 2) the faults cost more 
 arithmetic: the 1x1 conv's matrix product into a fresh map of that size takes about 6x as long
 as into one already touched.
 PyTorch has no caching allocator for CPU tensors that Python can switch on, so this function
-keeps its own maps per call site (conv output, norm output, activation output) and reuses
-them on the next step once autograd has released them. It also writes the activation into the
-interior of a zeroed, padded map, so that a following TF-"same" strided conv needs no padding
-copy, and its backward works in place in the norm-output map. Forward outputs, running
-statistics and gradients equal ``act(batch_norm(conv1x1(x)))`` (the conv as a matrix product,
-the rest PyTorch's own kernels).
+keeps its own maps per call site (conv output, norm output, activation output, the conv's input
+gradient) and reuses them on the next step once autograd has released them. It also writes the
+activation into the interior of a zeroed, padded map, so that the conv after it needs no padding
+copy, and its backward works in place in the norm-output map. Outputs, running statistics and
+gradients equal those of ``act(batch_norm(conv1x1(x)))`` up to float rounding (the conv and its
+gradients as matrix products, the rest PyTorch's own kernels).
 """
 from typing import Dict, Optional, Tuple
 
@@ -29,13 +29,18 @@ POINTWISE_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identit
 _MATMUL_BACKWARD_MIN_CHANNELS = 32
 
 
+# a private torch function; without it no map can be shown unshared, and none is reused
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
 def _storage_use_count(t: torch.Tensor) -> int:
-    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+    return _STORAGE_USE_COUNT(t.untyped_storage()._cdata)
 
 
 # what the count reads for a tensor that nothing else shares (the temporary storage object
 # made to read it counts as one)
-_UNSHARED_USE_COUNT = _storage_use_count(torch.empty(1))
+_UNSHARED_USE_COUNT = (None if _STORAGE_USE_COUNT is None
+                       else _storage_use_count(torch.empty(1)))
 
 
 class ReusableBuffers:
@@ -53,7 +58,7 @@ class ReusableBuffers:
         zero when made (callers that write only their interior keep the border zero)."""
         buffer = self._maps.get(key)
         if (buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.dtype != like.dtype
-                or buffer.device != like.device
+                or buffer.device != like.device or _UNSHARED_USE_COUNT is None
                 or _storage_use_count(buffer) != _UNSHARED_USE_COUNT):
             self._maps.pop(key, None)
             buffer = torch.empty(shape, dtype=like.dtype, device=like.device,
