@@ -5,7 +5,8 @@ only: for 5x5 it is 5-15x slower than for 3x3 on the same map, and more than the
 input gradient together; EfficientNet's 5x5 blocks spend most of their backward there.
 A k x k kernel's weight gradient is, tap by tap, a sum over the image of the output gradient
 times the input shifted by the tap's offset, so it splits into 3x3 blocks of taps: each block is
-the 3x3 weight gradient of an input cropped at the block's offset. The forward and the input
+the 3x3 weight gradient of an input cropped at the block's offset (or, strided, of the whole
+input against an output gradient shifted by the block's offset). The forward and the input
 gradient stay PyTorch's. Results equal the direct gradient up to float summation order.
 """
 from typing import List, Optional, Tuple

@@ -16,7 +16,7 @@ large maps cost a page fault per 4 KB on every step. Squeeze-excite runs with a 
 backward (:func:`detector.layers.squeeze_excite`), and the strided 5x5 depthwise convs take the
 split weight gradient of :func:`detector.layers.depthwise_conv2d`.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -213,9 +213,8 @@ def _train_block(block: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBu
                  key: str) -> torch.Tensor:
     """timm's ``InvertedResidual`` / ``DepthwiseSeparableConv`` forward (without space-to-depth)
     with each BN + activation written into ``buffers``' maps where :func:`_norm_act_pooled`
-    allows (nowhere when None);
-    an MBConv expansion joins its 1x1 conv and is padded there for its depthwise conv when
-    :func:`_prepadding` says so."""
+    allows (nowhere when None); an MBConv expansion joins its 1x1 conv and is padded there for
+    its depthwise conv when :func:`_prepadding` says so."""
     shortcut = x
     conv_dw = block.conv_dw
     if isinstance(block, InvertedResidual):
@@ -323,12 +322,11 @@ class EfficientNetBackbone(Backbone):
                     self.body.blocks[i] = freeze_batch_norm_act(block)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        if (fusion_enabled() and _norm_act_foldable(self.body.bn1)
-                and self.body.feature_hooks is None and not self.body.grad_checkpointing):
-            return dict(zip(self.out_features, self._forward_folded(x)))
-        if (self.training and torch.is_grad_enabled() and self.body.feature_hooks is None
-                and not self.body.grad_checkpointing):
-            return dict(zip(self.out_features, self._forward_training(x)))
+        if self.body.feature_hooks is None and not self.body.grad_checkpointing:
+            if fusion_enabled() and _norm_act_foldable(self.body.bn1):
+                return dict(zip(self.out_features, self._forward_folded(x)))
+            if self.training and torch.is_grad_enabled():
+                return dict(zip(self.out_features, self._forward_training(x)))
         return dict(zip(self.out_features, self.body(x)))
 
     def train(self, mode: bool = True) -> "EfficientNetBackbone":
@@ -336,35 +334,40 @@ class EfficientNetBackbone(Backbone):
             self._train_buffers.clear()
         return super().train(mode)
 
-    def _forward_training(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """timm's ``EfficientNetFeatures.forward`` with its BN + activation layers written into
-        maps reused between steps (:func:`_train_block`)."""
+    def _forward_stages(self, x: torch.Tensor, stem: Callable[[torch.Tensor], torch.Tensor],
+                        run_block: Callable[[nn.Module, torch.Tensor, str], torch.Tensor]
+                        ) -> List[torch.Tensor]:
+        """timm's ``EfficientNetFeatures.forward`` with its stem (conv + norm) run by ``stem``
+        and each block by ``run_block(block, x, name)``."""
         body = self.body
-        x = _norm_act(body.bn1, body.conv_stem(x), self._train_buffers, "bn1")
+        x = stem(x)
         features = [x] if 0 in body._stage_out_idx else []
         for i, stage in enumerate(body.blocks):
             for j, block in enumerate(stage):
-                if (type(block) in _BLOCK_NORMS
-                        and getattr(block, "conv_s2d", None) is None):
-                    x = _train_block(block, x, self._train_buffers, f"blocks.{i}.{j}")
-                else:
-                    x = block(x)
+                x = run_block(block, x, f"blocks.{i}.{j}")
             if i + 1 in body._stage_out_idx:
                 features.append(x)
         return features
 
+    def _forward_training(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Training with the BN + activation layers written into maps reused between steps
+        (:func:`_train_block`; timm's own forward for other block types)."""
+        buffers, body = self._train_buffers, self.body
+
+        def run_block(block: nn.Module, x: torch.Tensor, name: str) -> torch.Tensor:
+            if type(block) in _BLOCK_NORMS and getattr(block, "conv_s2d", None) is None:
+                return _train_block(block, x, buffers, name)
+            return block(x)
+
+        return self._forward_stages(
+            x, lambda x: _norm_act(body.bn1, body.conv_stem(x), buffers, "bn1"), run_block)
+
     def _forward_folded(self, x: torch.Tensor) -> List[torch.Tensor]:
-        """timm's ``EfficientNetFeatures.forward`` with every block whose norms are fixed run by
-        :func:`_fused_block` (the others by timm)."""
+        """Every block whose norms are fixed run by :func:`_fused_block` (the others by timm)."""
         body = self.body
-        x = _conv_norm_act(x, body.conv_stem, body.bn1)
-        features = [x] if 0 in body._stage_out_idx else []
-        for i, stage in enumerate(body.blocks):
-            for block in stage:
-                x = _fused_block(block, x) if _block_foldable(block) else block(x)
-            if i + 1 in body._stage_out_idx:
-                features.append(x)
-        return features
+        return self._forward_stages(
+            x, lambda x: _conv_norm_act(x, body.conv_stem, body.bn1),
+            lambda block, x, name: _fused_block(block, x) if _block_foldable(block) else block(x))
 
     @classmethod
     def from_config(cls, cfg) -> dict:
