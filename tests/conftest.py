@@ -32,3 +32,15 @@ def datasets_root():
     if not root or not os.path.isdir(root):
         pytest.skip("DETECTOR_DATASETS is not set to an existing folder (see datasets/README.md)")
     return root
+
+
+@pytest.fixture(params=["fused", "pytorch"])
+def bn_act_kernel(request, monkeypatch):
+    """Runs a test with the C++ BN + activation kernel ("fused") and with PyTorch's ops."""
+    from detector.layers import load_kernel
+
+    monkeypatch.setenv("DETECTOR_CPU_KERNELS", "1" if request.param == "fused" else "0")
+    if request.param == "fused" and load_kernel("bn_act_channels_last") is None:
+        pytest.skip("the C++ kernel cannot be built here (tests/layers/test_cpu_kernels.py "
+                    "checks that it builds wherever a compiler is)")
+    return request.param

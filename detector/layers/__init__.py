@@ -1,5 +1,6 @@
 from .build import NORM_REGISTRY, WEIGHT_NORMS, NormSpec, available_norms, get_norm
 from .conv import ConvNormAct, ConvNormActLayers, as_norm_spec, conv_norm_act
+from .cpu_kernels import kernel_cache_dir, kernels_enabled, load_kernel
 from .depthwise_conv import (
     DepthwiseConv2d,
     depthwise_conv2d,
@@ -53,6 +54,7 @@ from .squeeze_excite import squeeze_excite, squeeze_excite_applies
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
     "ConvNormAct", "ConvNormActLayers", "as_norm_spec", "conv_norm_act",
+    "kernel_cache_dir", "kernels_enabled", "load_kernel",
     "DepthwiseConv2d", "depthwise_conv2d", "depthwise_weight_grad",
     "split_depthwise_weight_gradients",
     "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",

@@ -7,17 +7,26 @@ expansion at a quarter of a 512 image is 50 MB at batch 2) the faults cost more 
 arithmetic: the 1x1 conv's matrix product into a fresh map of that size takes about 6x as long
 as into one already touched.
 PyTorch has no caching allocator for CPU tensors that Python can switch on, so this function
-keeps its own maps per call site (conv output, norm output, activation output, the conv's input
-gradient) and reuses them on the next step once autograd has released them. It also writes the
-activation into the interior of a zeroed, padded map, so that the conv after it needs no padding
-copy, and its backward works in place in the norm-output map. Outputs, running statistics and
-gradients equal those of ``act(batch_norm(conv1x1(x)))`` up to float rounding (the conv and its
-gradients as matrix products, the rest PyTorch's own kernels).
+keeps its own maps per call site (conv output, activation output, the input gradients) and
+reuses them on the next step once autograd has released them. It also writes the activation
+into the interior of a zeroed, padded map, so that the conv after it needs no padding copy.
+
+The norm and the activation run in the C++ kernel of ``csrc/bn_act_channels_last.cpp``
+(:mod:`detector.layers.cpu_kernels`): a pass for the statistics and one writing the activation
+in the forward, two passes in the backward, which recomputes the norm's output instead of keeping
+it. Where that kernel is not available (``DETECTOR_CPU_KERNELS=0``, no compiler), PyTorch's
+batch-norm and activation ops run instead, keeping the norm's output map, with the backward in
+place in it. Outputs, running statistics and gradients equal those of
+``act(batch_norm(conv1x1(x)))`` up to float rounding (the conv and its gradients as matrix
+products).
 """
+import ctypes
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
+
+from .cpu_kernels import load_kernel
 
 __all__ = ["ReusableBuffers", "pointwise_conv_norm_act", "pointwise_conv_norm_act_applies",
            "POINTWISE_ACTIVATIONS"]
@@ -119,6 +128,37 @@ def _matmul_conv_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch
     return grad_x, grad_weight
 
 
+_ACTIVATION_CODES = {"identity": 0, "relu": 1, "silu": 2}  # as in the kernel's enum
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _fused_kernel() -> Optional[ctypes.CDLL]:
+    """The C++ BN + activation kernel (detector/layers/csrc), or None: PyTorch's ops then."""
+    lib = load_kernel("bn_act_channels_last")
+    if lib is not None and lib.detector_bn_act_forward.argtypes is None:
+        lib.detector_bn_act_forward.argtypes = [
+            _P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_double, ctypes.c_double, ctypes.c_int,
+            _P, _I, _I, _P, _P]
+        lib.detector_bn_act_forward.restype = ctypes.c_int
+        lib.detector_bn_act_backward.argtypes = [
+            _P, _I, _I, _P, _I, _I, _I, _I, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P]
+        lib.detector_bn_act_backward.restype = None
+    return lib
+
+
+def _ptr(t: Optional[torch.Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _kernel_layout(t: torch.Tensor) -> bool:
+    """Channels innermost and pixels of a row adjacent, as the kernel indexes maps."""
+    return t.dtype == torch.float32 and t.stride(1) == 1 and t.stride(3) == t.shape[1]
+
+
+def _norm_statistics_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    return all(t is None or (t.dtype == torch.float32 and t.is_contiguous()) for t in tensors)
+
+
 class _PointwiseConvNormAct(torch.autograd.Function):
 
     @staticmethod
@@ -133,15 +173,35 @@ class _PointwiseConvNormAct(torch.autograd.Function):
             torch.mm(x.permute(0, 2, 3, 1).reshape(-1, in_channels),
                      conv_weight.reshape(out_channels, in_channels).t(),
                      out=conv_out.permute(0, 2, 3, 1).view(-1, out_channels))
-        norm_out = buffers.get(key + ".norm", (n, out_channels, h, w), x)
         save_mean = x.new_empty(out_channels)
         save_invstd = x.new_empty(out_channels)
+        ctx.eps, ctx.activation, ctx.padding = eps, activation, padding
+        ctx.buffers, ctx.key = buffers, key
+        unpadded_identity = activation == "identity" and not any(padding)
+        kernel = _fused_kernel()
+        ctx.fused = (kernel is not None and n * h * w > 1 and conv_out.dtype == torch.float32
+                     and conv_out.is_contiguous(memory_format=torch.channels_last)
+                     and _norm_statistics_ok(norm_weight, norm_bias, running_mean, running_var))
+        if ctx.fused:
+            # one pass for the statistics, one writing act(norm(.)) into the output map; the
+            # backward recomputes the norm's output from its input
+            out = buffers.get(key + (".norm" if unpadded_identity else ".act"),
+                              (n, out_channels, h + top + bottom, w + left + right), x,
+                              zeroed=any(padding))
+            interior = out[:, :, top:top + h, left:left + w]
+            kernel.detector_bn_act_forward(
+                conv_out.data_ptr(), n, h, w, out_channels, norm_weight.data_ptr(),
+                norm_bias.data_ptr(), _ptr(running_mean), _ptr(running_var), momentum, eps,
+                _ACTIVATION_CODES[activation], interior.data_ptr(), interior.stride(0),
+                interior.stride(2), save_mean.data_ptr(), save_invstd.data_ptr())
+            ctx.save_for_backward(x, conv_weight, norm_weight, conv_out, norm_bias, save_mean,
+                                  save_invstd)
+            return out
+        norm_out = buffers.get(key + ".norm", (n, out_channels, h, w), x)
         torch.ops.aten.native_batch_norm.out(
             conv_out, norm_weight, norm_bias, running_mean, running_var, True, momentum, eps,
             out=norm_out, save_mean=save_mean, save_invstd=save_invstd)
-        ctx.eps, ctx.activation, ctx.padding = eps, activation, padding
-        ctx.buffers, ctx.key = buffers, key
-        if activation == "identity" and not any(padding):
+        if unpadded_identity:
             # the norm's map is the output; its backward needs neither it nor a copy of it
             ctx.save_for_backward(x, conv_weight, norm_weight, conv_out, None, save_mean,
                                   save_invstd)
@@ -154,17 +214,42 @@ class _PointwiseConvNormAct(torch.autograd.Function):
         return padded
 
     @staticmethod
+    def _norm_act_backward_fused(ctx, grad, conv_out, norm_weight, norm_bias, save_mean,
+                                 save_invstd, need_grad_input):
+        if not _kernel_layout(grad):
+            grad = grad.contiguous(memory_format=torch.channels_last).float()
+        n, channels, h, w = conv_out.shape
+        grad_conv_out = (ctx.buffers.get(ctx.key + ".grad", tuple(conv_out.shape), conv_out)
+                         if need_grad_input else None)
+        grad_norm_weight = norm_weight.new_empty(channels)
+        grad_norm_bias = norm_weight.new_empty(channels)
+        _fused_kernel().detector_bn_act_backward(
+            grad.data_ptr(), grad.stride(0), grad.stride(2), conv_out.data_ptr(), n, h, w,
+            channels, norm_weight.data_ptr(), norm_bias.data_ptr(), save_mean.data_ptr(),
+            save_invstd.data_ptr(), _ACTIVATION_CODES[ctx.activation], _ptr(grad_conv_out),
+            grad_norm_weight.data_ptr(), grad_norm_bias.data_ptr())
+        return grad_conv_out, grad_norm_weight, grad_norm_bias
+
+    @staticmethod
     def backward(ctx, grad_padded):
-        x, conv_weight, norm_weight, conv_out, norm_out, save_mean, save_invstd = ctx.saved_tensors
+        x, conv_weight, norm_weight, conv_out, saved, save_mean, save_invstd = ctx.saved_tensors
         top, _, left, _ = ctx.padding
         h, w = conv_out.shape[-2:]
         grad = grad_padded[:, :, top:top + h, left:left + w]
-        grad_norm_out = grad if norm_out is None else _activation_backward_(ctx.activation, grad,
-                                                                             norm_out)
         need_x, need_conv_weight, need_norm_weight, need_norm_bias = ctx.needs_input_grad[:4]
-        grad_conv_out, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd, True, ctx.eps,
-            [need_x or need_conv_weight, need_norm_weight, need_norm_bias])
+        if ctx.fused:
+            grad_conv_out, grad_norm_weight, grad_norm_bias = (
+                _PointwiseConvNormAct._norm_act_backward_fused(
+                    ctx, grad, conv_out, norm_weight, saved, save_mean, save_invstd,
+                    need_x or need_conv_weight))
+        else:
+            grad_norm_out = grad if saved is None else _activation_backward_(ctx.activation,
+                                                                             grad, saved)
+            grad_conv_out, grad_norm_weight, grad_norm_bias = (
+                torch.ops.aten.native_batch_norm_backward(
+                    grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd,
+                    True, ctx.eps, [need_x or need_conv_weight, need_norm_weight,
+                                    need_norm_bias]))
         grad_x = grad_conv_weight = None
         if conv_weight is None:
             grad_x = grad_conv_out
@@ -175,7 +260,8 @@ class _PointwiseConvNormAct(torch.autograd.Function):
             grad_x, grad_conv_weight, _ = torch.ops.aten.convolution_backward(
                 grad_conv_out, x, conv_weight, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
                 [need_x, need_conv_weight, False])
-        return (grad_x, grad_conv_weight, grad_norm_weight, grad_norm_bias) + (None,) * 8
+        return (grad_x, grad_conv_weight, grad_norm_weight if need_norm_weight else None,
+                grad_norm_bias if need_norm_bias else None) + (None,) * 8
 
 
 def pointwise_conv_norm_act_applies(x: torch.Tensor, conv: Optional[nn.Module], norm: nn.Module,

@@ -10,9 +10,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-__all__ = ["seed_all_rng", "collect_env_info"]
+__all__ = ["seed_all_rng", "collect_env_info", "get_cache_dir"]
 
 logger = logging.getLogger(__name__)
+
+
+def get_cache_dir() -> str:
+    """Where generated datasets and compiled CPU kernels go: $DETECTOR_CACHE, or
+    ~/.cache/detector."""
+    return os.path.expanduser(os.environ.get("DETECTOR_CACHE") or "~/.cache/detector")
 
 
 def seed_all_rng(seed: Optional[int] = None) -> int:

@@ -65,7 +65,7 @@ def _pooled(activation, padding, buffers, key="site", with_conv=True):
 @pytest.mark.parametrize("activation", ["silu", "relu", "identity"])
 @pytest.mark.parametrize("padding", [(0, 0, 0, 0), (0, 1, 0, 1), (1, 2, 2, 1)])
 @pytest.mark.parametrize("in_channels", [5, 40, None])  # conv backward by oneDNN, by matmul; none
-def test_equals_conv_batch_norm_activation(activation, padding, in_channels):
+def test_equals_conv_batch_norm_activation(activation, padding, in_channels, bn_act_kernel):
     """Outputs (with a zero border), running statistics and all gradients equal those of
     conv2d (or none) + batch_norm + activation + pad, over two steps that reuse the pooled
     maps."""
@@ -86,13 +86,33 @@ def test_equals_conv_batch_norm_activation(activation, padding, in_channels):
                 continue
             torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
                                        msg=lambda m: f"{name}: {m}")
-    # conv, norm and activation maps (and the input gradient's with matmuls); an identity
-    # without padding returns the norm's map
-    assert len(buffers) == (with_conv + (in_channels == 40) + 1
-                            + (activation != "identity" or any(padding)))
+    # the conv's map, the conv's input gradient with matmuls, the output map; the kernel adds
+    # the norm's input gradient, PyTorch's ops the norm's output unless that is the output
+    assert len(buffers) == with_conv + (in_channels == 40) + 1 + (
+        True if bn_act_kernel == "fused" else activation != "identity" or any(padding))
 
 
-def test_maps_reused_only_when_released():
+@pytest.mark.parametrize("activation", ["silu", "relu", "identity"])
+def test_constant_and_nan_channels_as_pytorch(activation, bn_act_kernel):
+    """A constant channel (zero variance) and a NaN in another one give what PyTorch's modules
+    give: the NaN spreads over its own channel only."""
+    x = _input(shape=(2, 6, 9, 10))
+    x[:, 1] = 3.0
+    x[0, 2, 4, 5] = float("nan")
+    params = _parameters(in_channels=6)
+    expected = _run(_reference(activation, (0, 1, 0, 1), with_conv=False), x, params)
+    actual = _run(_pooled(activation, (0, 1, 0, 1), ReusableBuffers(), with_conv=False), x,
+                  params)
+    assert actual[0][:, 2].isnan().any() and not actual[0][:, [0, 1, 3, 4, 5]].isnan().any()
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(actual[1], expected[1], rtol=1e-6, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(actual[2], expected[2], rtol=1e-6, atol=1e-6, equal_nan=True)
+    for name in ("x", "norm_weight", "norm_bias"):
+        torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def test_maps_reused_only_when_released(bn_act_kernel):
     """A released step's maps are reused; a graph still alive keeps its own, and both graphs
     then give the right gradients."""
     buffers = ReusableBuffers()
@@ -122,11 +142,12 @@ def test_maps_reused_only_when_released():
         torch.testing.assert_close(x_i.grad, x_ref.grad, rtol=1e-4, atol=1e-5)
 
 
-def test_buffers_start_empty_in_copies():
+def test_buffers_start_empty_in_copies(bn_act_kernel):
     buffers = ReusableBuffers()
     params = _parameters()
     _pooled("relu", (0, 0, 0, 0), buffers)(_input(), params, None, None)
-    assert len(buffers) == 3
+    # conv and output maps, and PyTorch's norm output
+    assert len(buffers) == (2 if bn_act_kernel == "fused" else 3)
     assert len(copy.deepcopy(buffers)) == 0
     assert len(pickle.loads(pickle.dumps(buffers))) == 0
     buffers.clear()

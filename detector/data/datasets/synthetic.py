@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_util
 
+from detector.utils.env import get_cache_dir
+
 __all__ = [
     "SHAPES_CLASSES", "SHAPES_SPLITS", "SHAPES_VERSION", "generate_shapes_dataset",
     "ensure_shapes_dataset", "shapes_split_dir", "shapes_json_file", "shapes_image_root",
@@ -34,11 +36,6 @@ _MIN_EXTENT, _MAX_EXTENT = 16, 56  # bounding extent of a shape in pixels
 _MAX_OBJECTS = 4
 _MIN_VISIBLE = 0.65  # fraction of a shape that must stay visible under later shapes
 _PLACEMENT_TRIES = 30
-
-
-def get_cache_dir() -> str:
-    """$DETECTOR_CACHE, or ~/.cache/detector."""
-    return os.path.expanduser(os.environ.get("DETECTOR_CACHE") or "~/.cache/detector")
 
 
 def _background(rng: np.random.RandomState, height: int, width: int) -> np.ndarray:
