@@ -37,9 +37,11 @@ __all__ = ["load_kernel", "kernels_enabled", "kernel_cache_dir"]
 logger = logging.getLogger(__name__)
 
 _SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-# -fno-trapping-math lets gcc vectorize float-to-int conversions; neither flag changes results
-_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17",
-          "-shared", "-fPIC")
+# -fno-trapping-math lets gcc vectorize float-to-int conversions; neither flag changes results.
+# -fopenmp: at::parallel_for is OpenMP in PyTorch's builds, and serial without it; the library
+# then uses the libgomp that torch has loaded (same soname).
+_FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp",
+          "-std=c++17", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 600
 _loaded: Dict[str, Optional[ctypes.CDLL]] = {}
 _lock = threading.Lock()

@@ -34,10 +34,11 @@ def _run(fn, x, params, grad_seed=2):
     x = x.clone().requires_grad_(True)
     params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     channels = params["norm_weight"].shape[0]
-    running_mean, running_var = torch.zeros(channels), torch.ones(channels)
+    running_mean = torch.zeros(channels, dtype=x.dtype)
+    running_var = torch.ones(channels, dtype=x.dtype)
     y = fn(x, params, running_mean, running_var)
     g = torch.Generator().manual_seed(grad_seed)
-    y.backward(torch.randn(y.shape, generator=g))
+    y.backward(torch.randn(y.shape, generator=g, dtype=y.dtype))
     grads = {"x": x.grad, **{k: v.grad for k, v in params.items()}}
     return y.detach().clone(), running_mean, running_var, grads
 
@@ -110,6 +111,22 @@ def test_constant_and_nan_channels_as_pytorch(activation, bn_act_kernel):
     for name in ("x", "norm_weight", "norm_bias"):
         torch.testing.assert_close(actual[3][name], expected[3][name], rtol=1e-4, atol=1e-5,
                                    equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+def test_statistics_keep_their_digits_under_a_large_mean(bn_act_kernel):
+    """Batch statistics of maps whose mean is 1000x their spread are as close to float64 ones
+    as F.batch_norm's in float32."""
+    x = _input(shape=(2, 6, 9, 10)) * 0.5 + 500.0
+    params = _parameters(in_channels=6)
+    ours = _run(_pooled("silu", (0, 0, 0, 0), ReusableBuffers(), with_conv=False), x, params)
+    fp32 = _run(_reference("silu", (0, 0, 0, 0), with_conv=False), x, params)
+    fp64 = _run(_reference("silu", (0, 0, 0, 0), with_conv=False), x.double(),
+                {k: v.double() for k, v in params.items()})
+    for i in range(3):  # output, running mean, running var
+        ours_error = (ours[i].double() - fp64[i]).abs().max()
+        fp32_error = (fp32[i].double() - fp64[i]).abs().max()
+        assert ours_error <= 4 * fp32_error + 1e-6 * fp64[i].abs().max(), (i, ours_error,
+                                                                          fp32_error)
 
 
 def test_maps_reused_only_when_released(bn_act_kernel):

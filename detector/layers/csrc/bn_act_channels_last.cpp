@@ -58,9 +58,27 @@ inline float activation_grad(float g, float z) {
   return g;
 }
 
-// Pixels summed in float before they go into double totals: the sums stay as accurate as
-// PyTorch's at any map size.
-inline int64_t chunk_pixels(int64_t channels) { return std::max<int64_t>(8, 16384 / channels); }
+// The loops run over groups of pixels, each group at least kGroupFloats long, against
+// per-channel coefficients repeated to the group's length: long, flat, vectorized loops even for
+// few channels (a loop over the channels of one pixel is 2 vectors long at 32 channels).
+constexpr int64_t kGroupFloats = 256;
+
+inline int64_t group_pixels(int64_t c) { return std::max<int64_t>(1, (kGroupFloats + c - 1) / c); }
+
+// `values` (c floats, or doubles) repeated `times` times, as floats.
+template <typename T>
+std::vector<float> repeated(const T* values, int64_t c, int64_t times) {
+  std::vector<float> out(c * times);
+  for (int64_t i = 0; i < times; ++i)
+    for (int64_t k = 0; k < c; ++k) out[i * c + k] = static_cast<float>(values[k]);
+  return out;
+}
+
+// Adds the per-channel sums of a group-repeated accumulator (length m * c) to `total`.
+inline void fold_into(const float* acc, int64_t c, int64_t m, double* total) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t k = 0; k < c; ++k) total[k] += acc[i * c + k];
+}
 
 // Runs fn(part, begin, end) over `parts` contiguous slices of [0, n), in PyTorch's threads.
 template <typename F>
@@ -77,63 +95,50 @@ int64_t num_parts(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
 }
 
-// Chan et al.'s merge of per-channel (count, mean, M2) moments.
-void merge_moments(double& count, double* mean, double* m2, double other_count,
-                   const double* other_mean, const double* other_m2, int64_t channels) {
-  if (other_count == 0) return;
-  const double total = count + other_count;
-  for (int64_t c = 0; c < channels; ++c) {
-    const double delta = other_mean[c] - mean[c];
-    mean[c] += delta * other_count / total;
-    m2[c] += other_m2[c] + delta * delta * count * other_count / total;
-  }
-  count = total;
-}
-
-// Per-channel mean and biased variance of a (rows, c) row-major map. Each chunk of rows is
-// summed twice while in cache (mean, then squared deviations), so there is one pass over memory
-// and no E[x^2] - E[x]^2 cancellation.
-void moments(const float* x, int64_t rows, int64_t c, double* mean, double* var) {
-  const int64_t parts = num_parts(rows);
-  std::vector<double> part_mean(parts * c, 0.0), part_m2(parts * c, 0.0), part_count(parts, 0.0);
-  const int64_t chunk = chunk_pixels(c);
-  for_parts(rows, parts, [&](int64_t p, int64_t begin, int64_t end) {
-    std::vector<float> cmean(c), cm2(c);
-    std::vector<double> cmean_d(c), cm2_d(c);
-    double count = 0;
-    for (int64_t r0 = begin; r0 < end; r0 += chunk) {
-      const int64_t r1 = std::min(end, r0 + chunk);
-      std::fill(cmean.begin(), cmean.end(), 0.0f);
-      std::fill(cm2.begin(), cm2.end(), 0.0f);
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = x + r * c;
-        for (int64_t k = 0; k < c; ++k) cmean[k] += row[k];
-      }
-      const float inv = 1.0f / static_cast<float>(r1 - r0);
-      for (int64_t k = 0; k < c; ++k) cmean[k] *= inv;
-      for (int64_t r = r0; r < r1; ++r) {
-        const float* row = x + r * c;
-        for (int64_t k = 0; k < c; ++k) {
-          const float d = row[k] - cmean[k];
-          cm2[k] += d * d;
+// Per-channel mean and biased variance of a (rows, c) row-major map in one pass: sums of d and
+// d^2 with d = x - (the map's first row), in float over a line of `row_block` rows and in
+// double beyond. Shifted by one of the map's own values, the variance keeps the digits that
+// E[x^2] - E[x]^2 loses when the mean is large against the spread.
+void moments(const float* x, int64_t rows, int64_t c, int64_t row_block, double* mean,
+             double* var) {
+  const int64_t m = group_pixels(c);
+  const std::vector<float> shift = repeated(x, c, m);
+  const int64_t blocks = (rows + row_block - 1) / row_block;
+  const int64_t parts = num_parts(blocks);
+  std::vector<double> partial(parts * 2 * c, 0.0);
+  for_parts(blocks, parts, [&](int64_t p, int64_t begin, int64_t end) {
+    std::vector<float> acc(2 * m * c);
+    float* __restrict s1 = acc.data();
+    float* __restrict s2 = acc.data() + m * c;
+    const float* __restrict k = shift.data();
+    double* total = partial.data() + p * 2 * c;
+    for (int64_t block = begin; block < end; ++block) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      const int64_t r_end = std::min(rows, (block + 1) * row_block);
+      for (int64_t r0 = block * row_block; r0 < r_end; r0 += m) {
+        const float* __restrict xs = x + r0 * c;
+        const int64_t len = (std::min(r_end, r0 + m) - r0) * c;
+        for (int64_t j = 0; j < len; ++j) {
+          const float d = xs[j] - k[j];
+          s1[j] += d;
+          s2[j] += d * d;
         }
       }
-      for (int64_t k = 0; k < c; ++k) {
-        cmean_d[k] = cmean[k];
-        cm2_d[k] = cm2[k];
-      }
-      merge_moments(count, part_mean.data() + p * c, part_m2.data() + p * c,
-                    static_cast<double>(r1 - r0), cmean_d.data(), cm2_d.data(), c);
+      fold_into(s1, c, m, total);
+      fold_into(s2, c, m, total + c);
     }
-    part_count[p] = count;
   });
-  std::vector<double> m2(c, 0.0);
-  double count = 0;
-  std::fill(mean, mean + c, 0.0);
-  for (int64_t p = 0; p < parts; ++p)
-    merge_moments(count, mean, m2.data(), part_count[p], part_mean.data() + p * c,
-                  part_m2.data() + p * c, c);
-  for (int64_t k = 0; k < c; ++k) var[k] = m2[k] / count;
+  for (int64_t k = 0; k < c; ++k) {
+    double s1 = 0, s2 = 0;
+    for (int64_t p = 0; p < parts; ++p) {
+      s1 += partial[p * 2 * c + k];
+      s2 += partial[p * 2 * c + c + k];
+    }
+    const double shifted_mean = s1 / static_cast<double>(rows);
+    mean[k] = x[k] + shifted_mean;
+    const double v = s2 / static_cast<double>(rows) - shifted_mean * shifted_mean;
+    var[k] = v < 0.0 ? 0.0 : v;  // rounding can make it negative; NaN stays NaN
+  }
 }
 
 // The affine map the norm applies, from the saved statistics: the forward and the backward
@@ -149,62 +154,78 @@ void norm_affine(const float* weight, const float* bias, const float* mean, cons
 // out[n, h, w, :] = act(x * scale + shift); x is (n, h, w, c) contiguous, out strided over n, h.
 template <int kAct>
 void apply_forward(const float* x, int64_t n, int64_t h, int64_t w, int64_t c,
-                   const float* __restrict scale, const float* __restrict shift, float* out,
-                   int64_t out_stride_n, int64_t out_stride_h) {
+                   const float* scale, const float* shift, float* out, int64_t out_stride_n,
+                   int64_t out_stride_h) {
+  const int64_t m = group_pixels(c);
+  const std::vector<float> sc_rep = repeated(scale, c, m), sh_rep = repeated(shift, c, m);
   at::parallel_for(0, n * h, 1, [&](int64_t l0, int64_t l1) {
+    const float* __restrict sc = sc_rep.data();
+    const float* __restrict sh = sh_rep.data();
     for (int64_t line = l0; line < l1; ++line) {
       const float* src = x + line * w * c;
       float* dst = out + (line / h) * out_stride_n + (line % h) * out_stride_h;
-      for (int64_t i = 0; i < w * c; i += c) {
-        const float* __restrict s = src + i;
-        float* __restrict d = dst + i;
-        for (int64_t k = 0; k < c; ++k) d[k] = activate<kAct>(s[k] * scale[k] + shift[k]);
+      for (int64_t i0 = 0; i0 < w; i0 += m) {
+        const float* __restrict s = src + i0 * c;
+        float* __restrict d = dst + i0 * c;
+        const int64_t len = (std::min(w, i0 + m) - i0) * c;
+        for (int64_t j = 0; j < len; ++j) d[j] = activate<kAct>(s[j] * sc[j] + sh[j]);
       }
     }
   });
 }
 
-// Sums of dz and dz * (x - mean) per channel, dz = g * act'(x * scale + shift); dz is written
-// to dz_out (contiguous) unless the activation is the identity.
+// One group's part of backward_reduce (a function of its own: with restrict parameters gcc
+// vectorizes it, inside the lambda it did not).
+template <int kAct>
+inline void reduce_group(const float* __restrict g, const float* __restrict x,
+                         float* __restrict dz_out, int64_t len, const float* __restrict scale,
+                         const float* __restrict shift, const float* __restrict mean,
+                         float* __restrict acc_dz, float* __restrict acc_dz_xmu) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float dz = activation_grad<kAct>(g[j], x[j] * scale[j] + shift[j]);
+    if (kAct != kIdentity) dz_out[j] = dz;
+    acc_dz[j] += dz;
+    acc_dz_xmu[j] += dz * (x[j] - mean[j]);
+  }
+}
+
+// Sums of dz and dz * (x - mean) per channel (in float over a row of the map, double beyond),
+// dz = g * act'(x * scale + shift); dz is written to dz_out (contiguous) unless the activation
+// is the identity.
 template <int kAct>
 void backward_reduce(const float* g, int64_t g_stride_n, int64_t g_stride_h, const float* x,
-                     int64_t n, int64_t h, int64_t w, int64_t c, const float* __restrict scale,
-                     const float* __restrict shift, const float* __restrict mean, double* sum_dz,
-                     double* sum_dz_xmu, float* dz_out) {
+                     int64_t n, int64_t h, int64_t w, int64_t c, const float* scale,
+                     const float* shift, const float* mean, double* sum_dz, double* sum_dz_xmu,
+                     float* dz_out) {
+  const int64_t m = group_pixels(c);
+  const std::vector<float> sc_rep = repeated(scale, c, m), sh_rep = repeated(shift, c, m),
+                           mu_rep = repeated(mean, c, m);
   const int64_t lines = n * h;
   const int64_t parts = num_parts(lines);
   std::vector<double> partial(parts * 2 * c, 0.0);
-  const int64_t flush = chunk_pixels(c);
   for_parts(lines, parts, [&](int64_t p, int64_t begin, int64_t end) {
-    std::vector<float> acc(2 * c, 0.0f);
+    std::vector<float> acc(2 * m * c);
     float* __restrict acc_dz = acc.data();
-    float* __restrict acc_dz_xmu = acc.data() + c;
+    float* __restrict acc_dz_xmu = acc.data() + m * c;
+    const float* __restrict sc = sc_rep.data();
+    const float* __restrict sh = sh_rep.data();
+    const float* __restrict mu = mu_rep.data();
     double* total = partial.data() + p * 2 * c;
-    int64_t pending = 0;
     for (int64_t line = begin; line < end; ++line) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
       const float* xs = x + line * w * c;
       const float* gs = g + (line / h) * g_stride_n + (line % h) * g_stride_h;
       float* ds = kAct != kIdentity ? dz_out + line * w * c : nullptr;
-      for (int64_t i = 0; i < w * c; i += c) {
-        const float* __restrict xp = xs + i;
-        const float* __restrict gp = gs + i;
-        float* __restrict dp = kAct != kIdentity ? ds + i : nullptr;
-        for (int64_t k = 0; k < c; ++k) {
-          const float dz = activation_grad<kAct>(gp[k], xp[k] * scale[k] + shift[k]);
-          if (kAct != kIdentity) dp[k] = dz;
-          acc_dz[k] += dz;
-          acc_dz_xmu[k] += dz * (xp[k] - mean[k]);
-        }
-        if (++pending == flush) {
-          for (int64_t k = 0; k < 2 * c; ++k) {
-            total[k] += acc[k];
-            acc[k] = 0.0f;
-          }
-          pending = 0;
-        }
+      for (int64_t i0 = 0; i0 < w; i0 += m) {
+        const float* __restrict xp = xs + i0 * c;
+        const float* __restrict gp = gs + i0 * c;
+        float* __restrict dp = kAct != kIdentity ? ds + i0 * c : nullptr;
+        reduce_group<kAct>(gp, xp, dp, (std::min(w, i0 + m) - i0) * c, sc, sh, mu, acc_dz,
+                           acc_dz_xmu);
       }
+      fold_into(acc_dz, c, m, total);
+      fold_into(acc_dz_xmu, c, m, total + c);
     }
-    for (int64_t k = 0; k < 2 * c; ++k) total[k] += acc[k];
   });
   std::fill(sum_dz, sum_dz + c, 0.0);
   std::fill(sum_dz_xmu, sum_dz_xmu + c, 0.0);
@@ -218,29 +239,32 @@ void backward_reduce(const float* g, int64_t g_stride_n, int64_t g_stride_h, con
 
 // grad_x = dz * coef_dz + (x - mean) * coef_xmu + offset; dz may be grad_x itself.
 void backward_apply(const float* dz, int64_t dz_stride_n, int64_t dz_stride_h, const float* x,
-                    int64_t n, int64_t h, int64_t w, int64_t c, const float* __restrict mean,
-                    const float* __restrict coef_dz, const float* __restrict coef_xmu,
-                    const float* __restrict offset, float* grad_x) {
+                    int64_t n, int64_t h, int64_t w, int64_t c, const float* mean,
+                    const float* coef_dz, const float* coef_xmu, const float* offset,
+                    float* grad_x) {
+  const int64_t m = group_pixels(c);
+  const std::vector<float> mu_rep = repeated(mean, c, m), a_rep = repeated(coef_dz, c, m),
+                           b_rep = repeated(coef_xmu, c, m), o_rep = repeated(offset, c, m);
   at::parallel_for(0, n * h, 1, [&](int64_t l0, int64_t l1) {
+    const float* __restrict mu = mu_rep.data();
+    const float* __restrict a = a_rep.data();
+    const float* __restrict b = b_rep.data();
+    const float* __restrict o = o_rep.data();
     for (int64_t line = l0; line < l1; ++line) {
       const float* xs = x + line * w * c;
       float* out = grad_x + line * w * c;
       const float* ds = dz + (line / h) * dz_stride_n + (line % h) * dz_stride_h;
-      if (ds == out) {
-        // in place: one pointer, so the loop vectorizes without an alias check
-        for (int64_t i = 0; i < w * c; i += c) {
-          float* op = out + i;
-          const float* __restrict xp = xs + i;
-          for (int64_t k = 0; k < c; ++k)
-            op[k] = op[k] * coef_dz[k] + (xp[k] - mean[k]) * coef_xmu[k] + offset[k];
-        }
-      } else {
-        for (int64_t i = 0; i < w * c; i += c) {
-          float* __restrict op = out + i;
-          const float* __restrict dp = ds + i;
-          const float* __restrict xp = xs + i;
-          for (int64_t k = 0; k < c; ++k)
-            op[k] = dp[k] * coef_dz[k] + (xp[k] - mean[k]) * coef_xmu[k] + offset[k];
+      for (int64_t i0 = 0; i0 < w; i0 += m) {
+        const float* __restrict xp = xs + i0 * c;
+        const int64_t len = (std::min(w, i0 + m) - i0) * c;
+        if (ds == out) {
+          // in place: one pointer, so the loop vectorizes without an alias check
+          float* op = out + i0 * c;
+          for (int64_t j = 0; j < len; ++j) op[j] = op[j] * a[j] + (xp[j] - mu[j]) * b[j] + o[j];
+        } else {
+          const float* __restrict dp = ds + i0 * c;
+          float* __restrict op = out + i0 * c;
+          for (int64_t j = 0; j < len; ++j) op[j] = dp[j] * a[j] + (xp[j] - mu[j]) * b[j] + o[j];
         }
       }
     }
@@ -264,7 +288,7 @@ int detector_bn_act_forward(const float* x, int64_t n, int64_t h, int64_t w, int
   const int64_t rows = n * h * w;
   if (rows <= 1) return -1;
   std::vector<double> mean(c), var(c);
-  moments(x, rows, c, mean.data(), var.data());
+  moments(x, rows, c, std::max<int64_t>(1, w), mean.data(), var.data());
   for (int64_t k = 0; k < c; ++k) {
     save_mean[k] = static_cast<float>(mean[k]);
     save_invstd[k] = static_cast<float>(1.0 / std::sqrt(var[k] + eps));
