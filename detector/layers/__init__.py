@@ -21,6 +21,7 @@ from .norm import (
     EvoNormS0,
     FrozenBatchNorm2d,
     SyncBatchNorm2d,
+    batch_norm_momentum_step,
     convert_frozen_batchnorm,
     convert_sync_batchnorm,
     has_batch_statistics,
@@ -29,6 +30,7 @@ from .norm import (
 from .pointwise_norm_act import (
     POINTWISE_ACTIVATIONS,
     ReusableBuffers,
+    batch_norm_act,
     pointwise_conv_norm_act,
     pointwise_conv_norm_act_applies,
 )
@@ -59,9 +61,10 @@ __all__ = [
     "split_depthwise_weight_gradients",
     "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",
     "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
-    "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
+    "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d", "batch_norm_momentum_step",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
-    "replace_modules", "POINTWISE_ACTIVATIONS", "ReusableBuffers", "pointwise_conv_norm_act",
+    "replace_modules", "POINTWISE_ACTIVATIONS", "ReusableBuffers", "batch_norm_act",
+    "pointwise_conv_norm_act",
     "pointwise_conv_norm_act_applies", "PADDING_MODES", "MaxPool2dPadded", "check_padding_mode",
     "conv2d_padded",
     "same_padding_amounts",

@@ -20,8 +20,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 __all__ = [
-    "FrozenBatchNorm2d", "SyncBatchNorm2d", "EvoNormS0", "EvoNormB0", "convert_frozen_batchnorm",
-    "convert_sync_batchnorm", "has_batch_statistics", "replace_modules",
+    "FrozenBatchNorm2d", "SyncBatchNorm2d", "batch_norm_momentum_step", "EvoNormS0", "EvoNormB0",
+    "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics", "replace_modules",
 ]
 
 
@@ -30,6 +30,14 @@ class FrozenBatchNorm2d(_TVFrozenBatchNorm2d):
 
     def __init__(self, num_features: int, eps: float = 1e-5):
         super().__init__(num_features, eps=eps)
+
+
+def batch_norm_momentum_step(norm: nn.Module) -> float:
+    """Counts a training step of a BatchNorm layer with running statistics and returns the
+    running-statistics factor, as ``nn.BatchNorm2d.forward`` does (a cumulative average when
+    its momentum is None)."""
+    norm.num_batches_tracked.add_(1)
+    return 1.0 / norm.num_batches_tracked.item() if norm.momentum is None else norm.momentum
 
 
 class SyncBatchNorm2d(nn.BatchNorm2d):
@@ -76,9 +84,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return self._naive_sync_forward(input)
 
     def _momentum_factor(self) -> float:
-        """Counts the step and returns the running-statistics factor, as nn.BatchNorm2d does."""
-        self.num_batches_tracked.add_(1)
-        return 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
+        return batch_norm_momentum_step(self)
 
     def _fused_sync_forward(self, x: torch.Tensor, group, world_size: int) -> torch.Tensor:
         factor = self._momentum_factor() if self.track_running_stats else 0.0

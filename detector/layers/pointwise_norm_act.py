@@ -27,9 +27,10 @@ import torch
 from torch import nn
 
 from .cpu_kernels import load_kernel
+from .norm import batch_norm_momentum_step
 
 __all__ = ["ReusableBuffers", "pointwise_conv_norm_act", "pointwise_conv_norm_act_applies",
-           "POINTWISE_ACTIVATIONS"]
+           "batch_norm_act", "POINTWISE_ACTIVATIONS"]
 
 # activation module types and their names here
 POINTWISE_ACTIVATIONS = {nn.SiLU: "silu", nn.ReLU: "relu", nn.Identity: "identity"}
@@ -302,4 +303,17 @@ def pointwise_conv_norm_act(x: torch.Tensor, conv_weight: Optional[torch.Tensor]
     return _PointwiseConvNormAct.apply(x, conv_weight, norm_weight, norm_bias, running_mean,
                                        running_var, momentum, eps, activation, tuple(padding),
                                        buffers, key)
+
+
+def batch_norm_act(x: torch.Tensor, norm: nn.Module, activation: nn.Module, *,
+                   buffers: ReusableBuffers, key: str, conv: Optional[nn.Module] = None,
+                   padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
+    """``activation(norm(conv(x)))`` through :func:`pointwise_conv_norm_act`, for a
+    training-mode BatchNorm2d-like ``norm`` with running statistics (the caller checks the type
+    and :func:`pointwise_conv_norm_act_applies`); counts the step as ``nn.BatchNorm2d`` does."""
+    momentum = batch_norm_momentum_step(norm)
+    return pointwise_conv_norm_act(x, None if conv is None else conv.weight, norm.weight,
+                                   norm.bias, norm.running_mean, norm.running_var, momentum,
+                                   norm.eps, POINTWISE_ACTIVATIONS[type(activation)], buffers,
+                                   key, padding)
 

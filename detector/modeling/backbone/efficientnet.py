@@ -36,17 +36,16 @@ from timm.models._efficientnet_blocks import (
 from torch import nn
 
 from detector.layers import (
-    POINTWISE_ACTIVATIONS,
     DepthwiseConv2d,
     NormSpec,
     ReusableBuffers,
     as_norm_spec,
+    batch_norm_act,
     check_padding_mode,
     depthwise_conv2d,
     foldable,
     fused_conv_norm_act,
     fusion_enabled,
-    pointwise_conv_norm_act,
     pointwise_conv_norm_act_applies,
     register_frozen_norm,
     replace_modules,
@@ -174,13 +173,8 @@ def _pooled_norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers,
                      conv: Optional[nn.Module] = None,
                      padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
     """``norm(conv(x))`` (checked by :func:`_norm_act_pooled`) written into pooled maps."""
-    # timm's own momentum rule (cumulative average when momentum is None)
-    norm.num_batches_tracked.add_(1)
-    momentum = 1.0 / float(norm.num_batches_tracked) if norm.momentum is None else norm.momentum
-    return pointwise_conv_norm_act(x, None if conv is None else conv.weight, norm.weight,
-                                   norm.bias, norm.running_mean, norm.running_var, momentum,
-                                   norm.eps, POINTWISE_ACTIVATIONS[type(norm.act)], buffers, key,
-                                   padding)
+    return batch_norm_act(x, norm, norm.act, conv=conv, buffers=buffers, key=key,
+                          padding=padding)
 
 
 def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBuffers], key: str,
