@@ -16,6 +16,7 @@ from .fused_conv import (
     register_frozen_norm,
 )
 from .fusion import FUSION_METHODS, NormalizedFusion
+from .nms import batched_nms
 from .norm import (
     EvoNormB0,
     EvoNormS0,
@@ -61,7 +62,8 @@ __all__ = [
     "split_depthwise_weight_gradients",
     "FUSION_METHODS", "NormalizedFusion", "fold_norm_into_conv", "foldable", "fused_conv_norm_act",
     "fusion_enabled", "conv_norm_fusion", "register_frozen_norm",
-    "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d", "batch_norm_momentum_step",
+    "batched_nms", "EvoNormB0", "EvoNormS0", "FrozenBatchNorm2d", "SyncBatchNorm2d",
+    "batch_norm_momentum_step",
     "convert_frozen_batchnorm", "convert_sync_batchnorm", "has_batch_statistics",
     "replace_modules", "POINTWISE_ACTIVATIONS", "ReusableBuffers", "batch_norm_act",
     "pointwise_conv_norm_act",

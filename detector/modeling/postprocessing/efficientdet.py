@@ -4,8 +4,8 @@ import math
 from typing import List, Sequence, Tuple, Union
 
 import torch
-from torchvision.ops import batched_nms
 
+from detector.layers import batched_nms
 from detector.structures import Boxes, Instances
 
 from ..box_coder import BoxCoder

@@ -14,9 +14,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torchvision.ops import batched_nms
 
-from detector.layers import ShapeSpec
+from detector.layers import ShapeSpec, batched_nms
 from detector.structures import Boxes, Instances, pairwise_iou
 from detector.utils import comm
 

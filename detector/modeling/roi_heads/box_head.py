@@ -10,9 +10,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import batched_nms
 
-from detector.layers import ConvNormAct, NormSpec
+from detector.layers import ConvNormAct, NormSpec, batched_nms
 from detector.structures import Boxes, Instances
 
 from ..box_coder import BoxCoder
