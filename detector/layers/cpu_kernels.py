@@ -102,6 +102,7 @@ def _compile(name: str, cxx: str, path: str) -> None:
     # disk never leave a partial library under the final name
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=os.path.dirname(path))
     os.close(fd)
+    logger.info(f"Compiling the CPU kernel '{name}' into {path} (once per machine)")
     try:
         command = _compile_command(cxx, os.path.join(_SOURCE_DIR, name + ".cpp"), tmp)
         result = subprocess.run(command, capture_output=True, text=True,
