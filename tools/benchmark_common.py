@@ -28,13 +28,16 @@ Rows = Dict[str, Tuple[float, float, float]]
 
 
 def time_pair(fn_a: Callable, fn_b: Callable, iters: int, warmup: int) -> Tuple[float, float]:
-    """Median seconds of two functions, run alternately so machine noise hits both alike."""
+    """Median seconds of two functions, run alternately so machine noise hits both alike, and
+    in turns first (a b, b a, a b, ...) so that neither always runs in the state the other
+    leaves behind (its caches, its freed heap)."""
     for _ in range(warmup):
         fn_a()
         fn_b()
     samples_a, samples_b = [], []
-    for _ in range(iters):
-        for fn, samples in ((fn_a, samples_a), (fn_b, samples_b)):
+    for i in range(iters):
+        pair = ((fn_a, samples_a), (fn_b, samples_b))
+        for fn, samples in (pair if i % 2 == 0 else pair[::-1]):
             start = time.perf_counter()
             fn()
             samples.append(time.perf_counter() - start)
