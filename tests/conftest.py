@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from cpu_kernel_switch import use_cpu_kernel
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 NO_CUDA_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False)"
@@ -37,10 +39,5 @@ def datasets_root():
 @pytest.fixture(params=["fused", "pytorch"])
 def bn_act_kernel(request, monkeypatch):
     """Runs a test with the C++ BN + activation kernel ("fused") and with PyTorch's ops."""
-    from detector.layers import load_kernel
-
-    monkeypatch.setenv("DETECTOR_CPU_KERNELS", "1" if request.param == "fused" else "0")
-    if request.param == "fused" and load_kernel("bn_act_channels_last") is None:
-        pytest.skip("the C++ kernel cannot be built here (tests/layers/test_cpu_kernels.py "
-                    "checks that it builds wherever a compiler is)")
+    use_cpu_kernel(monkeypatch, "bn_act_channels_last", request.param == "fused")
     return request.param

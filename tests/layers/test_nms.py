@@ -2,15 +2,13 @@ import pytest
 import torch
 from torchvision.ops import batched_nms as torchvision_batched_nms
 
-from detector.layers import batched_nms, load_kernel
+from cpu_kernel_switch import use_cpu_kernel
+from detector.layers import batched_nms
 
 
 @pytest.fixture(params=["kernel", "torchvision"])
 def nms_path(request, monkeypatch):
-    monkeypatch.setenv("DETECTOR_CPU_KERNELS", "1" if request.param == "kernel" else "0")
-    if request.param == "kernel" and load_kernel("grouped_nms") is None:
-        pytest.skip("the C++ kernel cannot be built here (tests/layers/test_cpu_kernels.py "
-                    "checks that it builds wherever a compiler is)")
+    use_cpu_kernel(monkeypatch, "grouped_nms", request.param == "kernel")
     return request.param
 
 

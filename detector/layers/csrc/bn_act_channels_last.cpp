@@ -95,6 +95,19 @@ int64_t num_parts(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
 }
 
+// a[k], b[k] = the sums over the parts of partial[p][0][k], partial[p][1][k] ((parts, 2, c)).
+void add_parts(const std::vector<double>& partial, int64_t parts, int64_t c, double* a,
+               double* b) {
+  std::fill(a, a + c, 0.0);
+  std::fill(b, b + c, 0.0);
+  for (int64_t p = 0; p < parts; ++p) {
+    for (int64_t k = 0; k < c; ++k) {
+      a[k] += partial[p * 2 * c + k];
+      b[k] += partial[p * 2 * c + c + k];
+    }
+  }
+}
+
 // Per-channel mean and biased variance of a (rows, c) row-major map in one pass: sums of d and
 // d^2 with d = x - (the map's first row), in float over a line of `row_block` rows and in
 // double beyond. Shifted by one of the map's own values, the variance keeps the digits that
@@ -128,15 +141,12 @@ void moments(const float* x, int64_t rows, int64_t c, int64_t row_block, double*
       fold_into(s2, c, m, total + c);
     }
   });
+  std::vector<double> sum(c), sum_sq(c);
+  add_parts(partial, parts, c, sum.data(), sum_sq.data());
   for (int64_t k = 0; k < c; ++k) {
-    double s1 = 0, s2 = 0;
-    for (int64_t p = 0; p < parts; ++p) {
-      s1 += partial[p * 2 * c + k];
-      s2 += partial[p * 2 * c + c + k];
-    }
-    const double shifted_mean = s1 / static_cast<double>(rows);
+    const double shifted_mean = sum[k] / static_cast<double>(rows);
     mean[k] = x[k] + shifted_mean;
-    const double v = s2 / static_cast<double>(rows) - shifted_mean * shifted_mean;
+    const double v = sum_sq[k] / static_cast<double>(rows) - shifted_mean * shifted_mean;
     var[k] = v < 0.0 ? 0.0 : v;  // rounding can make it negative; NaN stays NaN
   }
 }
@@ -227,14 +237,7 @@ void backward_reduce(const float* g, int64_t g_stride_n, int64_t g_stride_h, con
       fold_into(acc_dz_xmu, c, m, total + c);
     }
   });
-  std::fill(sum_dz, sum_dz + c, 0.0);
-  std::fill(sum_dz_xmu, sum_dz_xmu + c, 0.0);
-  for (int64_t p = 0; p < parts; ++p) {
-    for (int64_t k = 0; k < c; ++k) {
-      sum_dz[k] += partial[p * 2 * c + k];
-      sum_dz_xmu[k] += partial[p * 2 * c + c + k];
-    }
-  }
+  add_parts(partial, parts, c, sum_dz, sum_dz_xmu);
 }
 
 // grad_x = dz * coef_dz + (x - mean) * coef_xmu + offset; dz may be grad_x itself.
