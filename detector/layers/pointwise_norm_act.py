@@ -233,7 +233,9 @@ class _PointwiseConvNormAct(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_padded):
-        x, conv_weight, norm_weight, conv_out, saved, save_mean, save_invstd = ctx.saved_tensors
+        # the kernel's backward needs the norm's bias, PyTorch's the norm's output (or nothing)
+        x, conv_weight, norm_weight, conv_out, bias_or_norm_out, save_mean, save_invstd = (
+            ctx.saved_tensors)
         top, _, left, _ = ctx.padding
         h, w = conv_out.shape[-2:]
         grad = grad_padded[:, :, top:top + h, left:left + w]
@@ -241,11 +243,11 @@ class _PointwiseConvNormAct(torch.autograd.Function):
         if ctx.fused:
             grad_conv_out, grad_norm_weight, grad_norm_bias = (
                 _PointwiseConvNormAct._norm_act_backward_fused(
-                    ctx, grad, conv_out, norm_weight, saved, save_mean, save_invstd,
+                    ctx, grad, conv_out, norm_weight, bias_or_norm_out, save_mean, save_invstd,
                     need_x or need_conv_weight))
         else:
-            grad_norm_out = grad if saved is None else _activation_backward_(ctx.activation,
-                                                                             grad, saved)
+            grad_norm_out = (grad if bias_or_norm_out is None
+                             else _activation_backward_(ctx.activation, grad, bias_or_norm_out))
             grad_conv_out, grad_norm_weight, grad_norm_bias = (
                 torch.ops.aten.native_batch_norm_backward(
                     grad_norm_out, conv_out, norm_weight, None, None, save_mean, save_invstd,

@@ -95,9 +95,25 @@ int64_t num_parts(int64_t n) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
 }
 
-// a[k], b[k] = the sums over the parts of partial[p][0][k], partial[p][1][k] ((parts, 2, c)).
-void add_parts(const std::vector<double>& partial, int64_t parts, int64_t c, double* a,
-               double* b) {
+// Per-channel sums a and b of two quantities over `units` (rows of the map, or blocks of rows),
+// in PyTorch's threads: add_unit(unit, acc_a, acc_b) adds one unit's values to two
+// group-repeated float accumulators (m * c each, zero at the start of each unit), which are then
+// folded into double totals: float over a unit, double beyond.
+template <typename AddUnit>
+void sum_per_channel(int64_t units, int64_t c, int64_t m, double* a, double* b,
+                     const AddUnit& add_unit) {
+  const int64_t parts = num_parts(units);
+  std::vector<double> partial(parts * 2 * c, 0.0);  // (parts, 2, c)
+  for_parts(units, parts, [&](int64_t p, int64_t begin, int64_t end) {
+    std::vector<float> acc(2 * m * c);
+    double* total = partial.data() + p * 2 * c;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      add_unit(unit, acc.data(), acc.data() + m * c);
+      fold_into(acc.data(), c, m, total);
+      fold_into(acc.data() + m * c, c, m, total + c);
+    }
+  });
   std::fill(a, a + c, 0.0);
   std::fill(b, b + c, 0.0);
   for (int64_t p = 0; p < parts; ++p) {
@@ -108,41 +124,32 @@ void add_parts(const std::vector<double>& partial, int64_t parts, int64_t c, dou
   }
 }
 
+// One group's part of moments (restrict parameters: gcc vectorizes it, see reduce_group).
+inline void moments_group(const float* __restrict x, const float* __restrict shift, int64_t len,
+                          float* __restrict sum, float* __restrict sum_sq) {
+  for (int64_t j = 0; j < len; ++j) {
+    const float d = x[j] - shift[j];
+    sum[j] += d;
+    sum_sq[j] += d * d;
+  }
+}
+
 // Per-channel mean and biased variance of a (rows, c) row-major map in one pass: sums of d and
-// d^2 with d = x - (the map's first row), in float over a line of `row_block` rows and in
+// d^2 with d = x - (the map's first row), in float over a block of `row_block` rows and in
 // double beyond. Shifted by one of the map's own values, the variance keeps the digits that
 // E[x^2] - E[x]^2 loses when the mean is large against the spread.
 void moments(const float* x, int64_t rows, int64_t c, int64_t row_block, double* mean,
              double* var) {
   const int64_t m = group_pixels(c);
   const std::vector<float> shift = repeated(x, c, m);
-  const int64_t blocks = (rows + row_block - 1) / row_block;
-  const int64_t parts = num_parts(blocks);
-  std::vector<double> partial(parts * 2 * c, 0.0);
-  for_parts(blocks, parts, [&](int64_t p, int64_t begin, int64_t end) {
-    std::vector<float> acc(2 * m * c);
-    float* __restrict s1 = acc.data();
-    float* __restrict s2 = acc.data() + m * c;
-    const float* __restrict k = shift.data();
-    double* total = partial.data() + p * 2 * c;
-    for (int64_t block = begin; block < end; ++block) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const int64_t r_end = std::min(rows, (block + 1) * row_block);
-      for (int64_t r0 = block * row_block; r0 < r_end; r0 += m) {
-        const float* __restrict xs = x + r0 * c;
-        const int64_t len = (std::min(r_end, r0 + m) - r0) * c;
-        for (int64_t j = 0; j < len; ++j) {
-          const float d = xs[j] - k[j];
-          s1[j] += d;
-          s2[j] += d * d;
-        }
-      }
-      fold_into(s1, c, m, total);
-      fold_into(s2, c, m, total + c);
-    }
-  });
   std::vector<double> sum(c), sum_sq(c);
-  add_parts(partial, parts, c, sum.data(), sum_sq.data());
+  sum_per_channel((rows + row_block - 1) / row_block, c, m, sum.data(), sum_sq.data(),
+                  [&](int64_t block, float* acc_sum, float* acc_sum_sq) {
+                    const int64_t r_end = std::min(rows, (block + 1) * row_block);
+                    for (int64_t r0 = block * row_block; r0 < r_end; r0 += m)
+                      moments_group(x + r0 * c, shift.data(), (std::min(r_end, r0 + m) - r0) * c,
+                                    acc_sum, acc_sum_sq);
+                  });
   for (int64_t k = 0; k < c; ++k) {
     const double shifted_mean = sum[k] / static_cast<double>(rows);
     mean[k] = x[k] + shifted_mean;
@@ -210,34 +217,18 @@ void backward_reduce(const float* g, int64_t g_stride_n, int64_t g_stride_h, con
   const int64_t m = group_pixels(c);
   const std::vector<float> sc_rep = repeated(scale, c, m), sh_rep = repeated(shift, c, m),
                            mu_rep = repeated(mean, c, m);
-  const int64_t lines = n * h;
-  const int64_t parts = num_parts(lines);
-  std::vector<double> partial(parts * 2 * c, 0.0);
-  for_parts(lines, parts, [&](int64_t p, int64_t begin, int64_t end) {
-    std::vector<float> acc(2 * m * c);
-    float* __restrict acc_dz = acc.data();
-    float* __restrict acc_dz_xmu = acc.data() + m * c;
-    const float* __restrict sc = sc_rep.data();
-    const float* __restrict sh = sh_rep.data();
-    const float* __restrict mu = mu_rep.data();
-    double* total = partial.data() + p * 2 * c;
-    for (int64_t line = begin; line < end; ++line) {
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      const float* xs = x + line * w * c;
-      const float* gs = g + (line / h) * g_stride_n + (line % h) * g_stride_h;
-      float* ds = kAct != kIdentity ? dz_out + line * w * c : nullptr;
-      for (int64_t i0 = 0; i0 < w; i0 += m) {
-        const float* __restrict xp = xs + i0 * c;
-        const float* __restrict gp = gs + i0 * c;
-        float* __restrict dp = kAct != kIdentity ? ds + i0 * c : nullptr;
-        reduce_group<kAct>(gp, xp, dp, (std::min(w, i0 + m) - i0) * c, sc, sh, mu, acc_dz,
-                           acc_dz_xmu);
-      }
-      fold_into(acc_dz, c, m, total);
-      fold_into(acc_dz_xmu, c, m, total + c);
-    }
-  });
-  add_parts(partial, parts, c, sum_dz, sum_dz_xmu);
+  sum_per_channel(n * h, c, m, sum_dz, sum_dz_xmu,
+                  [&](int64_t line, float* acc_dz, float* acc_dz_xmu) {
+                    const float* xs = x + line * w * c;
+                    const float* gs = g + (line / h) * g_stride_n + (line % h) * g_stride_h;
+                    float* ds = kAct != kIdentity ? dz_out + line * w * c : nullptr;
+                    for (int64_t i0 = 0; i0 < w; i0 += m) {
+                      float* dp = kAct != kIdentity ? ds + i0 * c : nullptr;
+                      reduce_group<kAct>(gs + i0 * c, xs + i0 * c, dp,
+                                         (std::min(w, i0 + m) - i0) * c, sc_rep.data(),
+                                         sh_rep.data(), mu_rep.data(), acc_dz, acc_dz_xmu);
+                    }
+                  });
 }
 
 // grad_x = dz * coef_dz + (x - mean) * coef_xmu + offset; dz may be grad_x itself.

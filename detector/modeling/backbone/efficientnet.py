@@ -169,19 +169,11 @@ def _norm_act_pooled(norm: nn.Module, x: torch.Tensor, conv: Optional[nn.Module]
             and pointwise_conv_norm_act_applies(x, conv, norm, norm.act))
 
 
-def _pooled_norm_act(norm: nn.Module, x: torch.Tensor, buffers: ReusableBuffers, key: str,
-                     conv: Optional[nn.Module] = None,
-                     padding: Tuple[int, int, int, int] = (0, 0, 0, 0)) -> torch.Tensor:
-    """``norm(conv(x))`` (checked by :func:`_norm_act_pooled`) written into pooled maps."""
-    return batch_norm_act(x, norm, norm.act, conv=conv, buffers=buffers, key=key,
-                          padding=padding)
-
-
 def _norm_act(norm: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBuffers], key: str,
               conv: Optional[nn.Module] = None) -> torch.Tensor:
     """``norm(conv(x))``, through pooled maps where it can (never without ``buffers``)."""
     if buffers is not None and _norm_act_pooled(norm, x, conv):
-        return _pooled_norm_act(norm, x, buffers, key, conv)
+        return batch_norm_act(x, norm, norm.act, conv=conv, buffers=buffers, key=key)
     return norm(x if conv is None else conv(x))
 
 
@@ -215,7 +207,8 @@ def _train_block(block: nn.Module, x: torch.Tensor, buffers: Optional[ReusableBu
         padding = _prepadding(conv_dw, x)
         if (padding is not None and buffers is not None
                 and _norm_act_pooled(block.bn1, x, block.conv_pw)):
-            x = _pooled_norm_act(block.bn1, x, buffers, key + ".bn1", block.conv_pw, padding)
+            x = batch_norm_act(x, block.bn1, block.bn1.act, conv=block.conv_pw, buffers=buffers,
+                               key=key + ".bn1", padding=padding)
             # the map is padded already: Conv2dSame would pad in its forward, and the split
             # weight gradient of a 5x5 depthwise conv would pad its input again
             x = depthwise_conv2d(x, conv_dw.weight, conv_dw.bias, conv_dw.stride)
