@@ -28,6 +28,9 @@ _C.MODEL.SIZE_DIVISIBILITY = 0
 # Fold FrozenBN / eval-mode BN into the conv before it; one fused oneDNN conv + activation on CPU
 # where nothing is differentiated (inference, frozen stages). See detector/layers/fused_conv.py
 _C.MODEL.FUSE_CONV_NORM = True
+# Run 3x3 stride-1 convs of 64+ channels on large CPU float32 channels-last maps as Winograd
+# F(2x2, 3x3), equal up to float rounding; see detector/layers/winograd_conv.py
+_C.MODEL.WINOGRAD_CONV = True
 # Background anchors covered by a crowd region (INPUT.KEEP_CROWD) by at least this fraction of
 # their area are ignored in the loss; above 1 = never
 _C.MODEL.CROWD_IGNORE_FRACTION = 0.7

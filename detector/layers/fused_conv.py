@@ -34,6 +34,7 @@ from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
 from .depthwise_conv import DepthwiseConv2d
+from .winograd_conv import winograd_applies, winograd_conv3x3
 
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
            "foldable", "activation_name", "register_frozen_norm"]
@@ -178,6 +179,24 @@ def _cached_weights(conv: nn.Conv2d, norm: Optional[nn.Module], dtype: torch.dty
     return weight, bias
 
 
+def _cached_folded(conv: nn.Conv2d, norm: Optional[nn.Module]):
+    """The folded float32 (weight, bias) of ``conv`` + ``norm``, cached like
+    :func:`_cached_weights` (the same tensors on every call until one of theirs changes, so that
+    :func:`winograd_conv3x3` reuses its transform of them); None when the norm cannot be folded."""
+    cache = _CACHE.setdefault(conv, {})
+    key = _sources(conv, norm)
+    hit = cache.get(("folded", id(norm)))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.no_grad():
+        folded = fold_norm_into_conv(conv, norm)
+    if folded is None:
+        return None
+    folded = tuple(None if t is None else t.float().contiguous() for t in folded)
+    cache[("folded", id(norm))] = (key, folded)
+    return folded
+
+
 def _fusable_conv(conv: nn.Module, padded_input: bool) -> bool:
     if padded_input:
         # a conv whose own forward pads (TF "same"): the caller padded, so only its zero padding
@@ -197,6 +216,9 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
     if folded is None:
         return None
     weight, bias = folded
+    act = activation_name(activation)
+    if residual is None and act in ("none", "relu") and winograd_applies(x, conv):
+        return winograd_conv3x3(x, weight, bias, relu=act == "relu")
     # the conv's own forward with the folded weight (DepthwiseConv2d keeps its gradient path)
     y = conv._conv_forward(x, weight, bias)
     if residual is not None:
@@ -225,6 +247,12 @@ def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Modu
             or (norm is not None and any(p.requires_grad for p in norm.parameters()))
             or (residual is not None and residual.requires_grad)):
         return _folded_with_autograd(x, conv, norm, activation, residual)
+    act = activation_name(activation)
+    if residual is None and act in ("none", "relu") and winograd_applies(x, conv):
+        folded = _cached_folded(conv, norm)
+        if folded is not None:
+            with torch.no_grad():
+                return winograd_conv3x3(x, *folded, relu=act == "relu")
     dtype = _compute_dtype(x)
     if not (_AVAILABLE and x.device.type == "cpu" and dtype is not None):
         return None
@@ -233,7 +261,6 @@ def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Modu
         return None
     weight, bias = weights
     x = x.to(dtype)
-    act = activation_name(activation)
     args = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
     with torch.no_grad():
         if residual is None:

@@ -223,3 +223,47 @@ def test_registry_and_device():
         build_model(tiny_cfg(**{"MODEL.META_ARCHITECTURE": "FCOS"}))
     with pytest.raises(ValueError, match="BBOX_REG_LOSS_TYPE='l2'"):
         build_model(tiny_cfg(**{"MODEL.RETINANET.BBOX_REG_LOSS_TYPE": "l2"}))
+
+
+def test_winograd_convs_give_the_direct_results(monkeypatch):
+    """MODEL.WINOGRAD_CONV: the 64-channel head convs at P3 (2 x 16 x 16 tiles) run as Winograd
+    F(2x2, 3x3); losses, gradients and detections equal the direct convolutions' up to rounding."""
+    from cpu_kernel_switch import use_cpu_kernel
+    from detector.layers import fused_conv
+
+    use_cpu_kernel(monkeypatch, "winograd_f2x3", True)
+    calls = []
+    original = fused_conv.winograd_conv3x3
+    monkeypatch.setattr(fused_conv, "winograd_conv3x3",
+                        lambda *a, **k: calls.append(1) or original(*a, **k))
+    # TinyNet channels that allow channels-last training (see channels_last_is_safe)
+    model = _model(**{"MODEL.NECK.OUT_CHANNELS": "64",
+                      "MODEL.TINYNET.CHANNELS": "[32, 32, 32, 48, 64]",
+                      "MODEL.RETINANET.SCORE_THRESH_TEST": "0.0"})
+    assert model.winograd_conv and model.channels_last_training  # the defaults
+    batch = make_batch(2, (256, 256))
+    results = []
+    for winograd in (False, True):
+        model.winograd_conv = winograd
+        model.train()
+        model.zero_grad()
+        losses = model(batch)
+        sum(losses.values()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.eval()
+        with torch.no_grad():
+            detections = model(batch)
+        results.append((losses, grads, detections))
+        # at P3 only: the FPN output conv and 2 convs per subnet (27 class logits are too few),
+        # in training and in inference
+        assert len(calls) == (10 if winograd else 0)
+        calls.clear()
+    (direct_losses, direct_grads, direct_det), (losses, grads, det) = results
+    for k in direct_losses:
+        torch.testing.assert_close(losses[k], direct_losses[k], rtol=1e-5, atol=1e-6)
+    assert grads.keys() == direct_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], direct_grads[n], rtol=1e-3, atol=1e-5)
+    for a, b in zip(det, direct_det):
+        torch.testing.assert_close(a["instances"].scores, b["instances"].scores, rtol=0,
+                                   atol=1e-5)

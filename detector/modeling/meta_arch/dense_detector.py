@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torchvision.ops import box_iou
 
-from detector.layers import ShapeSpec, conv_norm_fusion
+from detector.layers import ShapeSpec, conv_norm_fusion, winograd_convolution
 from detector.structures import Boxes, Instances, pairwise_iou
 from detector.utils import comm
 
@@ -43,6 +43,8 @@ class DenseDetector(DetectorBase):
     crowd_ignore_fraction: float = 0.7
     # conv + fixed norm (+ activation) blocks folded into one conv (detector.layers.fused_conv)
     fuse_conv_norm: bool = False
+    # 3x3 convs as Winograd F(2x2, 3x3) on the CPU where it pays (detector.layers.winograd_conv)
+    winograd_conv: bool = False
 
     def _set_parts(self, backbone: nn.Module, neck: nn.Module, head: nn.Module,
                    anchor_generator: AnchorGenerator, box_coder: BoxCoder,
@@ -81,7 +83,7 @@ class DenseDetector(DetectorBase):
         pyramid feature maps the head saw, in increasing level order."""
         if self._channels_last_input():
             images = images.contiguous(memory_format=torch.channels_last)
-        with conv_norm_fusion(self.fuse_conv_norm):
+        with conv_norm_fusion(self.fuse_conv_norm), winograd_convolution(self.winograd_conv):
             features = self.backbone(images)
             if self._channels_last_features():
                 features = {k: v.contiguous(memory_format=torch.channels_last)

@@ -44,6 +44,8 @@ class EfficientDet(DenseDetector):
             :func:`detector.modeling.postprocessing.efficientdet_inference`.
         fuse_conv_norm: fold eval-mode norms into the BiFPN and head convs (see
             :mod:`detector.layers.fused_conv`).
+        winograd_conv: run eligible 3x3 convs as Winograd F(2x2, 3x3) on the CPU (see
+            :mod:`detector.layers.winograd_conv`; EfficientDet's own convs are separable).
         crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
@@ -58,9 +60,11 @@ class EfficientDet(DenseDetector):
                  box_loss_weight: float = 50.0, giou_loss_weight: float = 1.0,
                  score_thresh_test: float = 0.0, topk_candidates_test: int = 5000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
-                 fuse_conv_norm: bool = True, crowd_ignore_fraction: float = 0.7):
+                 fuse_conv_norm: bool = True, winograd_conv: bool = True,
+                 crowd_ignore_fraction: float = 0.7):
         super().__init__()
         self.fuse_conv_norm = fuse_conv_norm
+        self.winograd_conv = winograd_conv
         if box_loss_type not in EFFICIENTDET_BOX_LOSS_TYPES:
             raise ValueError(f"MODEL.EFFICIENTDET.BOX_LOSS_TYPE='{box_loss_type}' is not one of "
                              f"{EFFICIENTDET_BOX_LOSS_TYPES}")
@@ -122,6 +126,7 @@ class EfficientDet(DenseDetector):
             "size_divisibility": cfg.MODEL.SIZE_DIVISIBILITY,
             "channels_last": e.CHANNELS_LAST,
             "fuse_conv_norm": cfg.MODEL.FUSE_CONV_NORM,
+            "winograd_conv": cfg.MODEL.WINOGRAD_CONV,
             "focal_loss_alpha": e.FOCAL_LOSS_ALPHA,
             "focal_loss_gamma": e.FOCAL_LOSS_GAMMA,
             "box_loss_type": e.BOX_LOSS_TYPE,

@@ -43,6 +43,8 @@ class RetinaNet(DenseDetector):
         fuse_conv_norm: fold fixed norms (FrozenBN, eval-mode BN) into their convs and run
             blocks as fused oneDNN convolutions where nothing is differentiated (see
             :mod:`detector.layers.fused_conv`).
+        winograd_conv: run eligible 3x3 convs as Winograd F(2x2, 3x3) on the CPU (see
+            :mod:`detector.layers.winograd_conv`).
         crowd_ignore_fraction: see :meth:`DenseDetector.label_anchors`.
     """
 
@@ -57,7 +59,7 @@ class RetinaNet(DenseDetector):
                  score_thresh_test: float = 0.05, topk_candidates_test: int = 1000,
                  nms_thresh_test: float = 0.5, max_detections_per_image: int = 100,
                  channels_last_inference: bool = True, channels_last_training: bool = True,
-                 fuse_conv_norm: bool = True,
+                 fuse_conv_norm: bool = True, winograd_conv: bool = True,
                  crowd_ignore_fraction: float = 0.7):
         super().__init__()
         check_retinanet_loss_options(bbox_reg_loss_type, loss_normalization)
@@ -83,6 +85,7 @@ class RetinaNet(DenseDetector):
             for module in (backbone, neck, head):
                 module.to(memory_format=torch.channels_last)
         self.fuse_conv_norm = fuse_conv_norm
+        self.winograd_conv = winograd_conv
         self._set_crowd_ignore_fraction(crowd_ignore_fraction)
 
     @classmethod
@@ -123,6 +126,7 @@ class RetinaNet(DenseDetector):
             "channels_last_inference": r.CHANNELS_LAST_INFERENCE,
             "channels_last_training": r.CHANNELS_LAST_TRAINING,
             "fuse_conv_norm": cfg.MODEL.FUSE_CONV_NORM,
+            "winograd_conv": cfg.MODEL.WINOGRAD_CONV,
             "crowd_ignore_fraction": cfg.MODEL.CROWD_IGNORE_FRACTION,
         }
 
