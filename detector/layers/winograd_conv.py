@@ -143,15 +143,17 @@ class _WinogradConv3x3(torch.autograd.Function):
                                                    k, begin, end, y.data_ptr())
         ctx.relu = relu
         ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight, u, y if relu else None)
+        ctx.weight_shape = weight.shape
+        # U, not the weight: the backward needs only U (the head's U is cached anyway)
+        ctx.save_for_backward(x, u, y if relu else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         lib = _kernel()
-        x, weight, u, y = ctx.saved_tensors
+        x, u, y = ctx.saved_tensors
         n, c, h, w = x.shape
-        k = weight.shape[0]
+        k = ctx.weight_shape[0]
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = grad_b = grad_u = None
@@ -191,5 +193,7 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         raise ValueError(f"winograd_conv3x3 needs a (K, {x.shape[1]}, 3, 3) weight, got "
                          f"{tuple(weight.shape)}")
     x = x.contiguous(memory_format=torch.channels_last)
-    return _WinogradConv3x3.apply(x, weight.contiguous(), bias, relu)
+    # the weight as it is (a channels-last model keeps channels-last weights): its transform is
+    # cached per weight tensor, which a copy here would defeat
+    return _WinogradConv3x3.apply(x, weight, bias, relu)
 
