@@ -53,7 +53,7 @@ from .separable import (
 )
 from .shape_spec import ShapeSpec
 from .squeeze_excite import squeeze_excite, squeeze_excite_applies
-from .winograd_conv import winograd_applies, winograd_conv3x3, winograd_convolution
+from .winograd_conv import conv_forward, winograd_applies, winograd_conv3x3, winograd_convolution
 
 __all__ = [
     "NORM_REGISTRY", "WEIGHT_NORMS", "NormSpec", "available_norms", "get_norm",
@@ -74,5 +74,5 @@ __all__ = [
     "ACTIVATIONS", "SeparableConv2d", "SeparableConvNormAct", "check_layer_norm",
     "glorot_uniform_", "make_activation",
     "variance_scaling_", "ShapeSpec", "squeeze_excite", "squeeze_excite_applies",
-    "winograd_applies", "winograd_conv3x3", "winograd_convolution",
+    "conv_forward", "winograd_applies", "winograd_conv3x3", "winograd_convolution",
 ]

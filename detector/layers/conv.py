@@ -17,6 +17,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from .build import NormSpec
 from .fused_conv import fused_conv_norm_act
+from .winograd_conv import conv_forward
 
 __all__ = ["ConvNormAct", "conv_norm_act", "ConvNormActLayers", "as_norm_spec"]
 
@@ -130,9 +131,7 @@ class ConvNormAct(nn.Sequential):
         fused = fused_conv_norm_act(x, self.conv, norm, self[-1] if self._has_act else None)
         if fused is not None:
             return fused
-        if not self.external_norm:
-            return super().forward(x)
-        x = self.conv(x)
+        x = conv_forward(self.conv, x)
         if norm is not None:
             x = norm(x)
-        return self[1](x) if self._has_act else x
+        return self[-1](x) if self._has_act else x

@@ -12,8 +12,10 @@ F(2x2, 3x3) have entries 0, +-1 and 1/2, so their error stays within a few ulps 
 (tests compare with ``F.conv2d`` in float64).
 
 :func:`winograd_conv3x3` is used only where it pays: channels-last float32 maps on the CPU, 64 or
-more input and output channels, outside autocast, tracing and export, inside
-:func:`winograd_convolution` (``MODEL.WINOGRAD_CONV``). Elsewhere callers run their usual conv.
+more input and output channels, 512 or more output tiles, outside autocast, tracing and export,
+inside :func:`winograd_convolution` (``MODEL.WINOGRAD_CONV``). Convs reach it through
+:func:`conv_forward` (blocks with a norm that is not folded, predictors) or the fused conv path
+(:mod:`detector.layers.fused_conv`, which also fuses the ReLU); elsewhere they run as usual.
 """
 import contextlib
 import ctypes
@@ -27,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_kernels import load_kernel
 
-__all__ = ["winograd_conv3x3", "winograd_convolution", "winograd_applies"]
+__all__ = ["winograd_conv3x3", "winograd_convolution", "winograd_applies", "conv_forward"]
 
 # below this many input or output channels the transforms cost more than the products save
 MIN_CHANNELS = 64
@@ -197,3 +199,10 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     # cached per weight tensor, which a copy here would defeat
     return _WinogradConv3x3.apply(x, weight, bias, relu)
 
+
+def conv_forward(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)``, as :func:`winograd_conv3x3` where :func:`winograd_applies` (and no hook
+    waits for the conv's own call)."""
+    if not (conv._forward_hooks or conv._forward_pre_hooks) and winograd_applies(x, conv):
+        return winograd_conv3x3(x, conv.weight, conv.bias)
+    return conv(x)

@@ -12,6 +12,7 @@ from detector.layers import (
     NormSpec,
     ShapeSpec,
     as_norm_spec,
+    conv_forward,
     fused_conv_norm_act,
     has_batch_statistics,
 )
@@ -24,7 +25,7 @@ __all__ = ["RetinaNetHead"]
 def _conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     # the fused oneDNN kernel also spares small levels PyTorch's slow batch-1 conv path
     fused = fused_conv_norm_act(x, conv)
-    return conv(x) if fused is None else fused
+    return conv_forward(conv, x) if fused is None else fused
 
 
 @DENSE_HEAD_REGISTRY.register()
