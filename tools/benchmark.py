@@ -180,6 +180,8 @@ def print_peak(args, rows, macs, network_ms=None) -> dict:
         print(f"network alone (backbone + neck + head, {network_ms:.1f} ms): {net_rate:.0f} "
               f"GFLOP/s = {100 * net_rate / fp32:.0f}% of the fp32 peak")
         peaks["network_fraction_of_fp32_peak"] = net_rate / fp32
+    print("  (rates count a direct convolution's flops; our Winograd 3x3 convs, "
+          "MODEL.WINOGRAD_CONV, do fewer, so ours can pass the direct conv's peak)")
     if "inference_GFLOP_per_s_amp" in rows and len(peaks) > 1:
         low = list(peaks.values())[1]
         ref_amp, our_amp, _ = rows["inference_GFLOP_per_s_amp"]

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -151,6 +152,7 @@ class _WinogradConv3x3(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels are not differentiated (create_graph=True is refused)
     def backward(ctx, grad_y):
         lib = _kernel()
         x, u, y = ctx.saved_tensors
@@ -191,9 +193,13 @@ def winograd_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     """``F.conv2d(x, weight, bias, padding=1)`` (then ReLU if ``relu``) for a channels-last
     float32 CPU ``x`` and a (K, C, 3, 3) ``weight``, with gradients, through Winograd F(2x2, 3x3).
     Callers check :func:`winograd_applies` first."""
-    if weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
-        raise ValueError(f"winograd_conv3x3 needs a (K, {x.shape[1]}, 3, 3) weight, got "
-                         f"{tuple(weight.shape)}")
+    if x.dim() != 4 or weight.shape[2:] != (3, 3) or x.shape[1] != weight.shape[1]:
+        raise ValueError(f"winograd_conv3x3 needs an (N, C, H, W) input and a (K, C, 3, 3) weight, "
+                         f"got {tuple(x.shape)} and {tuple(weight.shape)}")
+    tensors = [t for t in (x, weight, bias) if t is not None]
+    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        raise ValueError("winograd_conv3x3 runs on float32 CPU tensors, got "
+                         f"{[(t.dtype, t.device.type) for t in tensors]}")
     x = x.contiguous(memory_format=torch.channels_last)
     # the weight as it is (a channels-last model keeps channels-last weights): its transform is
     # cached per weight tensor, which a copy here would defeat

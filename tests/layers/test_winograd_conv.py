@@ -184,3 +184,15 @@ def test_conv_norm_act_blocks_run_it_before_their_norm(norm, kernel, monkeypatch
         block(x)
     assert calls == [1]  # a hook on the conv gets its call
     hook.remove()
+
+
+def test_refuses_what_it_cannot_compute(kernel):
+    x = _channels_last(torch.randn(1, 4, 6, 6))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        winograd_conv3x3(x.double(), torch.randn(4, 4, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"\(K, C, 3, 3\) weight"):
+        winograd_conv3x3(x, torch.randn(4, 4, 5, 5))
+    weight = torch.randn(4, 4, 3, 3, requires_grad=True)
+    (grad,) = torch.autograd.grad(winograd_conv3x3(x, weight).sum(), weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        grad.sum().backward()
