@@ -23,8 +23,6 @@ Folded weights are cached per conv (outside it and its state dict) together with
 version counters of every tensor they were computed from, so an optimizer step or a
 ``load_state_dict`` invalidates them. Outputs equal the unfused ones up to float rounding.
 """
-import contextlib
-import threading
 import weakref
 from typing import Optional, Tuple
 
@@ -33,13 +31,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torchvision.ops.misc import FrozenBatchNorm2d as _TVFrozenBatchNorm2d
 
+from detector.utils.env import ThreadSwitch
+
 from .depthwise_conv import DepthwiseConv2d
 from .winograd_conv import winograd_applies, winograd_conv3x3
 
 __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_norm_into_conv",
            "foldable", "activation_name", "register_frozen_norm"]
 
-_state = threading.local()
+_FUSION = ThreadSwitch()
 # conv -> {(dtype, id(norm)): (source versions, (weight, bias))}; outside the module, so that copying or
 # pickling a model never meets the prepacked (opaque) oneDNN weights
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -58,16 +58,10 @@ def register_frozen_norm(norm_class: type) -> type:
     return norm_class
 
 
-@contextlib.contextmanager
 def conv_norm_fusion(enabled: bool = True):
     """Within this context (and this thread), blocks built from conv + fixed norm + activation
     run through :func:`fused_conv_norm_act` when it applies."""
-    previous = getattr(_state, "enabled", False)
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
+    return _FUSION.set(enabled)
 
 
 def _mkldnn_fused_conv_available() -> bool:
@@ -93,7 +87,7 @@ def _tracing() -> bool:
 
 def fusion_enabled() -> bool:
     """Whether :func:`conv_norm_fusion` is on here (blocks then try the fused path first)."""
-    return getattr(_state, "enabled", False) and not _tracing()
+    return _FUSION.is_on() and not _tracing()
 
 
 def foldable(norm: Optional[nn.Module], activation: Optional[nn.Module] = None) -> bool:
@@ -159,42 +153,42 @@ def _cached_weights(conv: nn.Conv2d, norm: Optional[nn.Module], dtype: torch.dty
     """The folded (weight, bias) of ``conv`` + ``norm`` in ``dtype``, the weight prepacked in
     oneDNN's blocked layout (chosen for ``input_size``; other sizes give identical results), from
     the conv's cache when none of their tensors changed; None when the norm cannot be folded."""
-    # one entry per (dtype, norm): a conv shared across pyramid levels has one norm per level
-    cache = _CACHE.setdefault(conv, {})
-    key = _sources(conv, norm)
-    hit = cache.get((dtype, id(norm)))
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.no_grad():
-        folded = fold_norm_into_conv(conv, norm)
-    if folded is None:
-        return None
-    weight, bias = folded
-    # prepacked once instead of reordered by every call (10-30% of a conv's time at batch 1)
-    weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
-        weight.to(dtype).contiguous().to_mkldnn(), list(conv.padding), list(conv.stride),
-        list(conv.dilation), conv.groups, list(input_size))
-    bias = None if bias is None else bias.to(dtype)
-    cache[(dtype, id(norm))] = (key, (weight, bias))
-    return weight, bias
+    def prepacked(weight, bias):
+        # prepacked once instead of reordered by every call (10-30% of a conv's time at batch 1)
+        weight = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.to(dtype).contiguous().to_mkldnn(), list(conv.padding), list(conv.stride),
+            list(conv.dilation), conv.groups, list(input_size))
+        return weight, None if bias is None else bias.to(dtype)
+
+    return _cached_fold(conv, norm, dtype, prepacked)
 
 
 def _cached_folded(conv: nn.Conv2d, norm: Optional[nn.Module]):
     """The folded float32 (weight, bias) of ``conv`` + ``norm``, cached like
     :func:`_cached_weights` (the same tensors on every call until one of theirs changes, so that
     :func:`winograd_conv3x3` reuses its transform of them); None when the norm cannot be folded."""
+    def as_float(weight, bias):
+        return weight.float(), None if bias is None else bias.float()
+
+    return _cached_fold(conv, norm, "float32", as_float)
+
+
+def _cached_fold(conv: nn.Conv2d, norm: Optional[nn.Module], tag, prepare):
+    """``prepare(weight, bias)`` of the folded ``conv`` + ``norm``, from the conv's cache entry
+    ``tag`` while none of their tensors changed; None when the norm cannot be folded."""
+    # one entry per (tag, norm): a conv shared across pyramid levels has one norm per level
     cache = _CACHE.setdefault(conv, {})
     key = _sources(conv, norm)
-    hit = cache.get(("folded", id(norm)))
+    hit = cache.get((tag, id(norm)))
     if hit is not None and hit[0] == key:
         return hit[1]
     with torch.no_grad():
         folded = fold_norm_into_conv(conv, norm)
     if folded is None:
         return None
-    folded = tuple(None if t is None else t.float().contiguous() for t in folded)
-    cache[("folded", id(norm))] = (key, folded)
-    return folded
+    value = prepare(*folded)
+    cache[(tag, id(norm))] = (key, value)
+    return value
 
 
 def _fusable_conv(conv: nn.Module, padded_input: bool) -> bool:
@@ -238,7 +232,7 @@ def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Modu
 
     Without gradients to compute (inference, or a frozen block on an input that needs none) on
     CPU: one fused oneDNN convolution. With gradients: the folded conv in autograd ops."""
-    if not (getattr(_state, "enabled", False) and _fusable_conv(conv, padded_input)) or _tracing():
+    if not (_FUSION.is_on() and _fusable_conv(conv, padded_input)) or _tracing():
         return None
     if activation_name(activation) is None:
         return None

@@ -17,9 +17,7 @@ inside :func:`winograd_convolution` (``MODEL.WINOGRAD_CONV``). Convs reach it th
 :func:`conv_forward` (blocks with a norm that is not folded, predictors) or the fused conv path
 (:mod:`detector.layers.fused_conv`, which also fuses the ReLU); elsewhere they run as usual.
 """
-import contextlib
 import ctypes
-import threading
 from typing import Optional
 
 import torch
@@ -27,6 +25,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.utils import parametrize
 from torch.utils.weak import WeakIdKeyDictionary
+
+from detector.utils.env import ThreadSwitch
 
 from .cpu_kernels import load_kernel
 
@@ -40,23 +40,17 @@ MIN_TILES = 512
 # mmap threshold (32 MB), so that the buffers come from the heap instead of fresh pages whose
 # faults would cost as much as the transforms
 _BLOCK_BYTES = 4 << 20
-_state = threading.local()
+_SWITCH = ThreadSwitch()
 # weight tensor -> (its version, its transform U)
 _WEIGHT_CACHE = WeakIdKeyDictionary()
 # G of F(2x2, 3x3): the weight transform U = G w G^T
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
 
 
-@contextlib.contextmanager
 def winograd_convolution(enabled: bool = True):
     """Within this context (and this thread), eligible 3x3 convs run through
     :func:`winograd_conv3x3` (see :func:`winograd_applies`)."""
-    previous = getattr(_state, "enabled", False)
-    _state.enabled = bool(enabled)
-    try:
-        yield
-    finally:
-        _state.enabled = previous
+    return _SWITCH.set(enabled)
 
 
 def _kernel() -> Optional[ctypes.CDLL]:
@@ -79,7 +73,7 @@ def _kernel() -> Optional[ctypes.CDLL]:
 
 def winograd_applies(x: torch.Tensor, conv: nn.Module) -> bool:
     """Whether ``conv(x)`` may run as :func:`winograd_conv3x3` here."""
-    if not getattr(_state, "enabled", False):
+    if not _SWITCH.is_on():
         return False
     if not (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1

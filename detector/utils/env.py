@@ -1,18 +1,41 @@
-"""Random seeds and a short description of the software environment."""
+"""Random seeds, the cache folder, per-thread switches and a short description of the software
+environment."""
+import contextlib
 import logging
 import os
 import platform
 import random
 import sys
+import threading
 import time
 from typing import Optional
 
 import numpy as np
 import torch
 
-__all__ = ["seed_all_rng", "collect_env_info", "get_cache_dir"]
+__all__ = ["seed_all_rng", "collect_env_info", "get_cache_dir", "ThreadSwitch"]
 
 logger = logging.getLogger(__name__)
+
+
+class ThreadSwitch:
+    """An on/off setting of the calling thread (off until set), set for a block of code with
+    ``with switch.set(enabled): ...``; the previous value returns after the block."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def is_on(self) -> bool:
+        return getattr(self._local, "on", False)
+
+    @contextlib.contextmanager
+    def set(self, enabled: bool = True):
+        previous = self.is_on()
+        self._local.on = bool(enabled)
+        try:
+            yield
+        finally:
+            self._local.on = previous
 
 
 def get_cache_dir() -> str:

@@ -1,10 +1,11 @@
 """Seeding and environment description."""
 import random
+import threading
 
 import numpy as np
 import torch
 
-from detector.utils.env import collect_env_info, seed_all_rng
+from detector.utils.env import ThreadSwitch, collect_env_info, seed_all_rng
 from log_capture import CollectLogs
 
 
@@ -36,3 +37,24 @@ def test_collect_env_info():
     assert torch.__version__ in info and "torchvision" in info
     assert "CUDA available" in info and "torch threads" in info
     assert len(info.splitlines()) < 20
+
+
+def test_thread_switch_is_per_thread_and_restored():
+    switch = ThreadSwitch()
+    seen = []
+    assert not switch.is_on()
+    with switch.set():
+        assert switch.is_on()
+        other = threading.Thread(target=lambda: seen.append(switch.is_on()))
+        other.start()
+        other.join()
+        with switch.set(False):
+            assert not switch.is_on()
+        assert switch.is_on()
+    assert not switch.is_on() and seen == [False]
+    try:
+        with switch.set(True):
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert not switch.is_on()  # restored after an exception too
