@@ -31,6 +31,17 @@ def test_kernel_builds_where_a_compiler_is(fresh):
     assert load_kernel(KERNEL) is library
 
 
+# every kernel: a source that fails to compile would otherwise only skip its tests
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None,
+                    reason="no C++ compiler here (CXX or c++)")
+@pytest.mark.parametrize("name", sorted(f[:-len(".cpp")] for f in os.listdir(
+    os.path.join(os.path.dirname(cpu_kernels.__file__), "csrc")) if f.endswith(".cpp")))
+def test_every_kernel_source_builds(name, monkeypatch):
+    # the usual cache: the tests of each kernel use the same library
+    monkeypatch.setenv("DETECTOR_CPU_KERNELS", "1")
+    assert isinstance(load_kernel(name), ctypes.CDLL)
+
+
 def test_environment_turns_kernels_off(fresh, monkeypatch):
     for value in ("0", "false", "OFF"):
         monkeypatch.setenv("DETECTOR_CPU_KERNELS", value)

@@ -17,16 +17,20 @@
 
 namespace {
 
-// Points out-of-image pixels at a zero row (reads) or a scratch row (writes), and a missing ReLU
-// mask at a row of ones, so that the channel loops run without a branch per pixel.
+// Rows that out-of-image pixels point at, a zero row (reads) or a scratch row (writes), and a
+// missing ReLU mask at, a row of ones, so that the channel loops run without a branch per pixel.
 struct RowBuffers {
   std::vector<float> zeros, ones, scratch;
   explicit RowBuffers(int64_t channels)
       : zeros(channels, 0.0f), ones(channels, 1.0f), scratch(channels) {}
 };
 
-inline bool inside(int64_t r, int64_t s, int64_t height, int64_t width) {
-  return r >= 0 && r < height && s >= 0 && s < width;
+// The channels of pixel (r, s) of image img in an (n, h, w, c) map, or `outside` for a pixel
+// off the image.
+template <typename T, typename Outside>
+inline T* pixel_or(T* map, int64_t img, int64_t r, int64_t s, int64_t h, int64_t w, int64_t c,
+                   Outside* outside) {
+  return r >= 0 && r < h && s >= 0 && s < w ? map + ((img * h + r) * w + s) * c : outside;
 }
 
 }  // namespace
@@ -48,8 +52,7 @@ void detector_winograd_input_transform(const float* x, int64_t n, int64_t h, int
         for (int a = 0; a < 4; ++a) {
           for (int b = 0; b < 4; ++b) {
             const int64_t r = 2 * i - 1 + a, s = 2 * j - 1 + b;
-            d[4 * a + b] = inside(r, s, h, w) ? x + ((img * h + r) * w + s) * c
-                                              : buffers.zeros.data();
+            d[4 * a + b] = pixel_or(x, img, r, s, h, w, c, buffers.zeros.data());
             out[4 * a + b] = v + ((4 * a + b) * tiles + t) * c;
           }
         }
@@ -94,8 +97,7 @@ void detector_winograd_output_transform(const float* m, const float* bias, int r
         for (int a = 0; a < 2; ++a) {
           for (int b = 0; b < 2; ++b) {
             const int64_t r = 2 * i + a, s = 2 * j + b;
-            out[2 * a + b] = inside(r, s, h, w) ? y + ((img * h + r) * w + s) * k
-                                                : buffers.scratch.data();
+            out[2 * a + b] = pixel_or(y, img, r, s, h, w, k, buffers.scratch.data());
           }
         }
 #pragma omp simd
@@ -140,11 +142,10 @@ void detector_winograd_grad_output_transform(const float* dy, const float* y, in
         for (int a = 0; a < 2; ++a) {
           for (int b = 0; b < 2; ++b) {
             const int64_t r = 2 * i + a, s = 2 * j + b;
-            const bool in = inside(r, s, h, w);
-            const int64_t offset = ((img * h + r) * w + s) * k;
-            g[2 * a + b] = in ? dy + offset : buffers.zeros.data();
-            const float* no_mask = in ? buffers.ones.data() : buffers.zeros.data();
-            mask[2 * a + b] = y == nullptr ? no_mask : (in ? y + offset : buffers.zeros.data());
+            g[2 * a + b] = pixel_or(dy, img, r, s, h, w, k, buffers.zeros.data());
+            // an out-of-image pixel's g is zero whatever its mask
+            mask[2 * a + b] = y == nullptr ? buffers.ones.data()
+                                           : pixel_or(y, img, r, s, h, w, k, buffers.zeros.data());
           }
         }
 #pragma omp simd
@@ -196,8 +197,7 @@ void detector_winograd_grad_input_transform(const float* dv, int64_t n, int64_t 
           for (int a = 0; a < 4; ++a) {
             for (int b = 0; b < 4; ++b) {
               const int64_t r = 2 * i - 1 + a, s = 2 * j - 1 + b;
-              out[4 * a + b] = inside(r, s, h, w) ? dx + ((img * h + r) * w + s) * c
-                                                  : buffers.scratch.data();
+              out[4 * a + b] = pixel_or(dx, img, r, s, h, w, c, buffers.scratch.data());
             }
           }
 #pragma omp simd
