@@ -40,8 +40,9 @@ __all__ = ["conv_norm_fusion", "fusion_enabled", "fused_conv_norm_act", "fold_no
            "foldable", "activation_name", "register_frozen_norm"]
 
 _FUSION = ThreadSwitch()
-# conv -> {(dtype, id(norm)): (source versions, (weight, bias))}; outside the module, so that copying or
-# pickling a model never meets the prepacked (opaque) oneDNN weights
+# conv -> {(tag, id(norm)): (source versions, (weight, bias))}, tag a dtype (prepacked oneDNN
+# weights) or "float32" (plain folded weights); outside the module, so that copying or pickling a
+# model never meets the prepacked (opaque) oneDNN weights
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 # oneDNN post-op names of the activations the fused kernel applies itself
 _ACTIVATIONS = {nn.ReLU: "relu", nn.SiLU: "swish"}
@@ -191,6 +192,12 @@ def _cached_fold(conv: nn.Conv2d, norm: Optional[nn.Module], tag, prepare):
     return value
 
 
+def _runs_winograd(x: torch.Tensor, conv: nn.Module, act: str,
+                   residual: Optional[torch.Tensor]) -> bool:
+    # winograd_conv3x3 applies a ReLU itself, but no residual add
+    return residual is None and act in ("none", "relu") and winograd_applies(x, conv)
+
+
 def _fusable_conv(conv: nn.Module, padded_input: bool) -> bool:
     if padded_input:
         # a conv whose own forward pads (TF "same"): the caller padded, so only its zero padding
@@ -211,7 +218,7 @@ def _folded_with_autograd(x: torch.Tensor, conv: nn.Conv2d, norm: Optional[nn.Mo
         return None
     weight, bias = folded
     act = activation_name(activation)
-    if residual is None and act in ("none", "relu") and winograd_applies(x, conv):
+    if _runs_winograd(x, conv, act, residual):
         return winograd_conv3x3(x, weight, bias, relu=act == "relu")
     # the conv's own forward with the folded weight (DepthwiseConv2d keeps its gradient path)
     y = conv._conv_forward(x, weight, bias)
@@ -234,15 +241,15 @@ def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, norm: Optional[nn.Modu
     CPU: one fused oneDNN convolution. With gradients: the folded conv in autograd ops."""
     if not (_FUSION.is_on() and _fusable_conv(conv, padded_input)) or _tracing():
         return None
-    if activation_name(activation) is None:
+    act = activation_name(activation)
+    if act is None:
         return None
     if torch.is_grad_enabled() and (
             x.requires_grad or any(p.requires_grad for p in conv.parameters())
             or (norm is not None and any(p.requires_grad for p in norm.parameters()))
             or (residual is not None and residual.requires_grad)):
         return _folded_with_autograd(x, conv, norm, activation, residual)
-    act = activation_name(activation)
-    if residual is None and act in ("none", "relu") and winograd_applies(x, conv):
+    if _runs_winograd(x, conv, act, residual):
         folded = _cached_folded(conv, norm)
         if folded is not None:
             with torch.no_grad():
