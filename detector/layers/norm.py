@@ -83,11 +83,8 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
             return self._fused_sync_forward(input, group, world_size)
         return self._naive_sync_forward(input)
 
-    def _momentum_factor(self) -> float:
-        return batch_norm_momentum_step(self)
-
     def _fused_sync_forward(self, x: torch.Tensor, group, world_size: int) -> torch.Tensor:
-        factor = self._momentum_factor() if self.track_running_stats else 0.0
+        factor = batch_norm_momentum_step(self) if self.track_running_stats else 0.0
         return _fused_sync_batch_norm.apply(
             x, self.weight, self.bias, self.running_mean, self.running_var, self.eps, factor,
             group, world_size)
@@ -124,7 +121,7 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        factor = self._momentum_factor()
+        factor = batch_norm_momentum_step(self)
         self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
         self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype),
                                                alpha=factor)

@@ -318,4 +318,3 @@ def batch_norm_act(x: torch.Tensor, norm: nn.Module, activation: nn.Module, *,
                                    norm.bias, norm.running_mean, norm.running_var, momentum,
                                    norm.eps, POINTWISE_ACTIVATIONS[type(activation)], buffers,
                                    key, padding)
-
